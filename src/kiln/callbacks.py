@@ -1,0 +1,110 @@
+"""Side concerns of the training loop, each a small callback.
+
+A callback may implement any of: on_fit_start(trainer), on_log(trainer, metrics),
+on_eval(trainer, metrics), on_checkpoint(trainer, path), on_fit_end(trainer, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None: ...
+    def on_log(self, trainer, metrics: dict) -> None: ...
+    def on_eval(self, trainer, metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer, path: Path) -> None: ...
+    def on_fit_end(self, trainer, metrics: dict) -> None: ...
+
+
+class MetricsFileCallback(Callback):
+    """RUN_DIR/metrics.jsonl: one JSON object per logged step (and per evaluation).
+
+    On resume, lines after the checkpoint's step are dropped, so the file describes exactly
+    the steps that led to the current weights.
+    """
+
+    def __init__(self, path: Path, truncate_after: int | None = None):
+        self.path = Path(path)
+        if truncate_after is not None and self.path.is_file():
+            kept = [
+                line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._f = None
+
+    def _write(self, record: dict) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a")
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def on_log(self, trainer, metrics: dict) -> None:
+        self._write(metrics)
+
+    def on_eval(self, trainer, metrics: dict) -> None:
+        self._write(metrics)
+
+    def on_fit_end(self, trainer, metrics: dict) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ConsoleCallback(Callback):
+    """Progress lines: step, loss, LR, grad norm, tokens/s, ETA."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+        self._t0 = time.perf_counter()
+        self._step0 = 0
+
+    def on_fit_start(self, trainer) -> None:
+        n = trainer.numbers
+        self._t0, self._step0 = time.perf_counter(), trainer.step
+        where = f"resumed from {trainer.resumed_from}" if trainer.resumed_from else "new run"
+        self.console.print(
+            f"[bold]kiln[/bold] {where} | {trainer.model.num_params():,} params | "
+            f"{trainer.device.type} {trainer.precision} | {n.tokens_per_step:,} tokens/step | "
+            f"steps {trainer.step} -> {n.stop_step} of {n.total_steps} | run_dir "
+            f"{trainer.run_dir}"
+        )
+
+    def on_log(self, trainer, m: dict) -> None:
+        done = trainer.step - self._step0
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(done, 1) * (trainer.numbers.stop_step - trainer.step)
+        self.console.print(
+            f"step {m['step']:>6}/{trainer.numbers.stop_step} | loss {m['loss']:.4f} | "
+            f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
+            f"{m['tokens_per_sec']:,.0f} tok/s | ETA {_fmt_time(eta)}"
+        )
+
+    def on_eval(self, trainer, m: dict) -> None:
+        self.console.print(
+            f"[cyan]eval   step {m['step']:>6} | val_loss {m['val_loss']:.4f} | "
+            f"val_ppl {m['val_ppl']:.2f}[/cyan]"
+        )
+
+    def on_checkpoint(self, trainer, path: Path) -> None:
+        self.console.print(f"[green]saved checkpoint {path}[/green]")
+
+    def on_fit_end(self, trainer, m: dict) -> None:
+        elapsed = time.perf_counter() - self._t0
+        self.console.print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens, "
+                           f"{_fmt_time(elapsed)}")

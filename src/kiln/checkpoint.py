@@ -1,0 +1,256 @@
+"""Unsharded checkpoints: written atomically, loaded without unpickling arbitrary objects.
+
+Layout of ``RUN_DIR/checkpoints/step{N}/``::
+
+    model.safetensors   weights (a tied output head is stored once, as embed.weight)
+    optim.pt            optimizer state dict (tensors and plain numbers; loaded weights_only)
+    rng.pt              RNG states (tensors; loaded weights_only)
+    trainer.json        step, tokens seen, data position, LR schedule segments, ...
+    config.yaml         the resolved config of the run that wrote it
+    tokenizer.json      the tokenizer of the training data (when known)
+
+A checkpoint is written to a hidden temporary folder, every file is fsynced, and the folder
+is renamed into place; ``checkpoints/latest`` then names it. A crash at any moment leaves
+either the old set of checkpoints or the new one, never a half-written ``step{N}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kiln.errors import KilnError
+
+STEP_DIR = re.compile(r"^step(\d+)$")
+REQUIRED = ("model.safetensors", "trainer.json", "config.yaml")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    config: dict[str, Any]
+    optim: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one if that pointer is stale."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from either a RUN_DIR (its latest checkpoint) or a checkpoint."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+        raise KilnError(f"{str(p)!r} holds no complete checkpoint (no checkpoints/step*/)")
+    raise KilnError(f"checkpoint or run directory {str(p)!r} does not exist")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop entries that share storage with an earlier entry (a tied output head)."""
+    out, seen = {}, set()
+    for k, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = t.detach().contiguous().cpu()
+    return out
+
+
+def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
+         trainer: dict[str, Any], config_yaml: str, optim: dict[str, Any] | None = None,
+         rng: dict[str, Any] | None = None, tokenizer: Path | None = None,
+         keep_last: int = 0) -> Path:
+    """Write checkpoint step{step} atomically, point `latest` at it, apply retention."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step*"):  # left by a crash in an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-step*"):  # a crash mid-swap: delete only if replaced
+        if is_complete(root / old.name[len(".old-"):].rsplit("-", 1)[0]):
+            shutil.rmtree(old, ignore_errors=True)
+    final = root / f"step{step}"
+    tmp = root / f".tmp-step{step}-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        save_file(dedupe_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if optim is not None:
+            torch.save(optim, tmp / "optim.pt")
+        if rng is not None:
+            torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if tokenizer is not None and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # a step{N} written before a rewind: swap, then delete it
+            old = root / f".old-step{step}-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer_tmp = root / f".latest-{os.getpid()}"
+        pointer_tmp.write_text(final.name + "\n")
+        _fsync_file(pointer_tmp)
+        os.replace(pointer_tmp, root / "latest")
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KilnError(
+            f"could not write checkpoint {final} ({e.strerror or e}); earlier checkpoints are "
+            "untouched; free disk space or change trainer.run_dir"
+        ) from e
+    if keep_last > 0:
+        prune(run_dir, keep_last)
+    return final
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never the latest one)."""
+    keep_last = max(1, keep_last)
+    found = list_checkpoints(run_dir)
+    latest = latest_checkpoint(run_dir)
+    removed = []
+    for p in found[:-keep_last]:
+        if p == latest:
+            continue
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
+    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest)."""
+    p = resolve(path)
+    try:
+        model = load_file(str(p / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise KilnError(f"cannot read {p / 'model.safetensors'}: {e}; the file is damaged") from e
+    trainer = json.loads((p / "trainer.json").read_text())
+    config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    optim = rng = None
+    try:
+        if with_optim and (p / "optim.pt").is_file():
+            optim = torch.load(p / "optim.pt", map_location="cpu", weights_only=True)
+        if (p / "rng.pt").is_file():
+            rng = torch.load(p / "rng.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign pickle
+        raise KilnError(f"cannot read optimizer/RNG state in {p}: {e}") from e
+    return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
+
+
+def check_shapes(saved: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
+                 where: Path) -> None:
+    """Refuse a checkpoint written by another model shape, naming the first mismatch."""
+    for name, t in model_state.items():
+        if name not in saved:
+            tied = name == "lm_head.weight" and "embed.weight" in model_state and (
+                t.data_ptr() == model_state["embed.weight"].data_ptr())
+            if tied:
+                continue  # a tied head is saved once
+            raise KilnError(
+                f"checkpoint {where} has no tensor {name!r}: it was written by a different "
+                "model shape; use the model config it was trained with or another run_dir"
+            )
+        if tuple(saved[name].shape) != tuple(t.shape):
+            raise KilnError(
+                f"checkpoint {where} was written by a different model shape: {name} is "
+                f"{list(saved[name].shape)} there and {list(t.shape)} here; use the model "
+                "config it was trained with or another run_dir"
+            )
+    extra = [k for k in saved if k not in model_state]
+    if extra:
+        raise KilnError(
+            f"checkpoint {where} has tensor {extra[0]!r} that this model lacks: it was written "
+            "by a different model shape"
+        )
+
+
+def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
+    state = model.state_dict()
+    check_shapes(saved, state, where)
+    with torch.no_grad():
+        for name, t in state.items():
+            src = saved.get(name)
+            if src is None:  # tied head
+                continue
+            t.copy_(src.to(t.dtype))

@@ -1,0 +1,255 @@
+"""The `kiln` command. Each subcommand is a thin layer over a module with a small API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def _config_path(arg: str) -> str:
+    """A CONFIG argument may be a YAML file or a run directory (its config.yaml)."""
+    p = Path(arg)
+    if p.is_dir():
+        if (p / "config.yaml").is_file():
+            return str(p / "config.yaml")
+        raise KilnError(f"{arg!r} is a directory without config.yaml; pass a config file")
+    return arg
+
+
+# --------------------------------------------------------------------------------------------
+# kiln train
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from kiln.config import load_config
+
+    cfg = load_config(_config_path(args.config), overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    from kiln.trainer import Trainer
+
+    Trainer(cfg, resume=not args.no_resume).fit()
+    return 0
+
+
+def dry_run(cfg) -> int:
+    from rich.console import Console
+
+    from kiln.plan import data_lines, plan_lines
+    from kiln.trainer import build_datasets
+
+    console = Console(highlight=False)
+    console.print("[bold]# resolved config[/bold]")
+    console.print(cfg.to_yaml(), markup=False)
+    console.print("[bold]# derived numbers[/bold]")
+    lines, warnings = plan_lines(cfg)
+    train, val, files = build_datasets(cfg)
+    lines += data_lines(cfg, len(train), None if val is None else len(val),
+                        sum(len(f) for f in files), len(files))
+    for line in lines:
+        console.print(line, markup=False)
+    for w in warnings:
+        console.print(f"[bold red]{w}[/bold red]")
+    console.print("dry run: nothing was trained or written")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# kiln generate
+
+
+def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
+    import torch
+    from tokenizers import Tokenizer
+
+    from kiln import checkpoint as ckpt
+    from kiln.config import config_from_dict
+    from kiln.generate import generate
+    from kiln.model import Transformer
+
+    path = ckpt.resolve(args.checkpoint)
+    c = ckpt.load(path, with_optim=False)
+    cfg = config_from_dict(c.config)
+    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
+    if not tok_path.is_file():
+        raise KilnError(f"no tokenizer.json in {path}; pass --tokenizer PATH")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Transformer(cfg.model)
+    ckpt.load_model_state(model, c.model, path)
+    model.to(device).eval()
+    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    if not ids:
+        raise KilnError("--prompt is empty; give some text to continue")
+    eos = cfg.data.eos_token_id
+    for name in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
+        if eos is None and tokenizer.token_to_id(name) is not None:
+            eos = tokenizer.token_to_id(name)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                       eos_token_id=eos, use_cache=not args.no_cache, generator=gen)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# kiln inspect
+
+
+def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
+    from kiln import checkpoint as ckpt
+
+    p = Path(args.path)
+    if p.is_dir():
+        path = ckpt.resolve(p)
+        c = ckpt.load(path, with_optim=False)
+        from kiln.config import config_from_dict
+
+        cfg = config_from_dict(c.config)
+        n_params = sum(t.numel() for t in c.model.values())
+        print(f"checkpoint      {path}")
+        print(f"step            {c.trainer['step']:,}")
+        print(f"tokens seen     {c.trainer['tokens_seen']:,}")
+        print(f"data position   {json.dumps(c.trainer['data'])}")
+        print(f"parameters      {n_params:,} stored ({cfg.model.num_params():,} in the model)")
+        print(f"model           {cfg.model.preset or 'custom'}: d_model {cfg.model.d_model}, "
+              f"{cfg.model.n_layers} layers, {cfg.model.n_heads} heads, vocab "
+              f"{cfg.model.vocab_size}")
+        print("schedule        " + "\n                ".join(
+            f"{s['shape']} steps {s['start']}->{s['end']} lr {s['lr_start']:.3g}->"
+            f"{s['lr_end']:.3g}" for s in c.trainer["schedule"]["segments"]))
+        print(f"files           {', '.join(sorted(f.name for f in path.iterdir()))}")
+        return 0
+    from kiln.data.tokens import TokenFile
+
+    f = TokenFile.open(p, dtype=args.dtype)
+    toks = f.tokens
+    print(f"token file      {f.path}")
+    print(f"dtype           {f.dtype}")
+    print(f"tokens          {len(f):,}")
+    print(f"max token id    {f.max_token_id():,}")
+    if f.eos_token_id is not None:
+        n_docs = int((toks == f.eos_token_id).sum())
+        print(f"eos id          {f.eos_token_id} ({n_docs:,} documents)")
+    if f.meta:
+        print(f"sidecar         {json.dumps(f.meta)}")
+    head = [int(t) for t in toks[: args.show]]
+    print(f"first {len(head)} ids  {head}")
+    tok_path = f.tokenizer_path
+    if tok_path is not None and tok_path.is_file():
+        from tokenizers import Tokenizer
+
+        text = Tokenizer.from_file(str(tok_path)).decode(head, skip_special_tokens=False)
+        print(f"decoded         {text!r}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# kiln presets / prepare
+
+
+def cmd_presets(args: argparse.Namespace, _: list[str]) -> int:
+    import yaml
+
+    from kiln.config import MODEL_PRESETS, preset_model
+
+    if args.name:
+        import dataclasses
+
+        print(yaml.safe_dump(dataclasses.asdict(preset_model(args.name)), sort_keys=False), end="")
+        return 0
+    print(f"{'preset':<12} {'params':>15}  description")
+    for name, (desc, _) in MODEL_PRESETS.items():
+        print(f"{name:<12} {preset_model(name).num_params():>15,}  {desc}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
+    from kiln.data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or resume a run",
+                       description="Train from a YAML config (or a run directory). Any config "
+                       "field can be overridden: --optim.lr=3e-4 --trainer.max_duration="
+                       "'{value: 2e9, unit: tokens}'")
+    p.add_argument("config", help="YAML config file, or a run directory to resume")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and derived numbers, then exit")
+    p.add_argument("--no-resume", action="store_true",
+                   help="refuse to touch a run directory that is not empty")
+    p.set_defaults(func=cmd_train, overrides=True)
+
+    p = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet into token files")
+    from kiln.data.prepare import add_prepare_arguments
+
+    add_prepare_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="run directory (its latest checkpoint) or checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="describe a token file, checkpoint or run directory")
+    p.add_argument("path")
+    p.add_argument("--dtype", choices=["uint16", "uint32"], default=None,
+                   help="element type of a raw headerless token file")
+    p.add_argument("--show", type=int, default=32, help="token ids to show")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("presets", help="list model presets (or print one)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest) or 0
+    except KilnError as e:
+        if debug:
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""The typed config tree: YAML in, dot-notation overrides on top, validated dataclasses out.
+
+A config file is a YAML mapping whose top-level keys are the sections below. Any field can be
+set from the command line as ``--section.field=value``; the value is parsed as YAML, so
+``--optim.lr=3e-4`` and ``--trainer.max_duration='{value: 2e9, unit: tokens}'`` both work.
+``model.preset`` names a shape from :data:`MODEL_PRESETS`; fields given beside it win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kiln.errors import KilnError
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+
+
+@dataclass
+class Duration:
+    """A length of training: ``{value: 2e9, unit: tokens}`` or ``{value: 500, unit: steps}``.
+
+    A bare number means steps.
+    """
+
+    value: float
+    unit: Literal["steps", "tokens"] = "steps"
+
+    def to_steps(self, tokens_per_step: int) -> int:
+        """The number of optimizer steps this duration covers (tokens round up to a step)."""
+        if self.unit == "steps":
+            return int(self.value)
+        return math.ceil(self.value / tokens_per_step)
+
+    def __str__(self) -> str:
+        v = int(self.value) if float(self.value).is_integer() else self.value
+        return f"{v:,} {self.unit}" if isinstance(v, int) else f"{v} {self.unit}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer (OLMo and Llama families)."""
+
+    preset: str | None = None
+    """Name of the preset this shape started from (see ``kiln presets``)."""
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    mlp_ratio: float = 8.0
+    """OLMo's convention: the fused gate+up projection is mlp_ratio * d_model wide, so the
+    SwiGLU hidden size is mlp_ratio * d_model / 2. Ignored when mlp_hidden_size is set."""
+    mlp_hidden_size: int | None = None
+    """SwiGLU hidden size (the width of each of the gate and up projections)."""
+    vocab_size: int = 50280
+    """Tokenizer vocabulary; the embedding is padded up to a multiple of pad_vocab_multiple."""
+    pad_vocab_multiple: int = 128
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm: Literal["rmsnorm", "layernorm", "nonparametric_layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_placement: Literal["pre", "reordered"] = "pre"
+    """pre: x + f(norm(x)) (Llama, OLMo-1); reordered: x + norm(f(x)) (OLMo-2)."""
+    qk_norm: bool = False
+    """Normalise queries and keys (over the whole projection, as OLMo-2 does)."""
+    tie_embeddings: bool = False
+    bias: bool = False
+    init_std: float = 0.02
+    """Std of the truncated-normal init; output projections use init_std / sqrt(2 * n_layers)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
+        return int(self.mlp_ratio * self.d_model) // 2
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count, computed from the shape alone (no model is built)."""
+        d, h, v = self.d_model, self.hidden_size, self.padded_vocab_size
+        kv = self.kv_heads * self.head_dim
+        attn = d * d + 2 * d * kv + d * d
+        mlp = 3 * d * h
+        if self.bias:
+            attn += d + 2 * kv + d
+            mlp += 2 * h + d
+        norm_w = {"rmsnorm": d, "layernorm": 2 * d, "nonparametric_layernorm": 0}[self.norm]
+        qk = (d + kv) * (2 if self.norm == "layernorm" else 1) if self.qk_norm else 0
+        if self.norm == "nonparametric_layernorm":
+            qk = 0
+        block = attn + mlp + 2 * norm_w + qk
+        total = self.n_layers * block + norm_w
+        emb = v * d if self.tie_embeddings else 2 * v * d
+        return total + (emb if include_embeddings else 0)
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise KilnError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "pick a head count that divides d_model"
+            )
+        if self.head_dim % 2:
+            raise KilnError(f"model head_dim={self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise KilnError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads="
+                f"{self.kv_heads}"
+            )
+        if self.norm == "nonparametric_layernorm" and self.qk_norm:
+            raise KilnError("model.qk_norm needs a parametric norm (rmsnorm or layernorm)")
+
+
+@dataclass
+class DataConfig:
+    """Token files to train on and how to cut them into instances."""
+
+    paths: list[str] = field(default_factory=list)
+    """Token files (kiln .bin with .json sidecar, NumPy .npy, or raw headerless OLMo files);
+    glob patterns and directories are expanded."""
+    dtype: Literal["uint16", "uint32"] | None = None
+    """Element type of raw headerless files that carry no sidecar (OLMo's .npy memmaps)."""
+    eos_token_id: int | None = None
+    """End-of-document id; read from the sidecar when there is one."""
+    tokenizer: str | None = None
+    """tokenizer.json used for generation; defaults to the one prepare wrote beside the data."""
+    seq_len: int = 1024
+    stride: int | None = None
+    """Distance between window starts; None means seq_len (non-overlapping windows)."""
+    seed: int = 0
+    """Seed of the data order: permutation for epoch e is drawn from (seed, e)."""
+    val_paths: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    """Held-out share of windows (taken from the end of the data) when val_paths is empty."""
+    prefetch: int = 4
+    """Batches prepared ahead of the training step on a background thread."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (logsumexp(logits)^2) added to the cross entropy; 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: warmup, then a decay shape to final_lr_fraction * lr."""
+
+    name: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
+    warmup: Duration = field(default_factory=lambda: Duration(0, "steps"))
+    final_lr_fraction: float = 0.1
+    decay_fraction: float = 0.2
+    """WSD only: share of the run (after warmup) spent decaying at the end."""
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    global_batch_size: int = 32
+    """Instances (sequences) per optimizer step, across all ranks."""
+    micro_batch_size: int = 8
+    """Instances per forward/backward pass on one rank; the rest is gradient accumulation."""
+    max_duration: Duration = field(default_factory=lambda: Duration(1000, "steps"))
+    hard_stop: Duration | None = None
+    """End the run early at this point without reshaping the schedule."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    eval_interval: int = 0
+    """Steps between validation passes; 0 disables (a final one still runs if data exists)."""
+    eval_batches: int = 16
+    """Micro-batches per validation pass (the same windows every time)."""
+    threads: int | None = None
+    """torch CPU threads; None keeps torch's default."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted (never the only complete one)."""
+    save_final: bool = True
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1
+    """Steps between metric lines (console and metrics.jsonl)."""
+    console: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
+MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": (
+        "a few M params: the CPU demo and the tests",
+        dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden_size=768, vocab_size=4096,
+             max_seq_len=1024, norm="rmsnorm", tie_embeddings=True),
+    ),
+    "llama-150m": (
+        "Llama shape, 12 x 768, 32k vocab",
+        dict(d_model=768, n_layers=12, n_heads=12, mlp_hidden_size=2048, vocab_size=32000,
+             max_seq_len=2048, norm="rmsnorm", tie_embeddings=False, rope_theta=10000.0),
+    ),
+    "olmo-1b": (
+        "OLMo-1B-0724: 16 x 2048, non-parametric LayerNorm, tied, seq 4096",
+        dict(d_model=2048, n_layers=16, n_heads=16, mlp_ratio=8.0, vocab_size=50280,
+             max_seq_len=4096, norm="nonparametric_layernorm", tie_embeddings=True,
+             rope_theta=10000.0),
+    ),
+    "olmo2-1b": (
+        "OLMo-2-0425-1B: 16 x 2048, RMSNorm after each sublayer, QK-norm, untied",
+        dict(d_model=2048, n_layers=16, n_heads=16, mlp_hidden_size=8192, vocab_size=100278,
+             max_seq_len=4096, norm="rmsnorm", norm_eps=1e-6, norm_placement="reordered",
+             qk_norm=True, tie_embeddings=False, rope_theta=500000.0),
+    ),
+    "olmo-7b": (
+        "OLMo-7B-0724: 32 x 4096, non-parametric LayerNorm, untied, seq 4096",
+        dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=11008, vocab_size=50280,
+             max_seq_len=4096, norm="nonparametric_layernorm", tie_embeddings=False,
+             rope_theta=10000.0),
+    ),
+}
+
+
+def preset_model(name: str) -> ModelConfig:
+    """The ModelConfig of a named preset."""
+    if name not in MODEL_PRESETS:
+        raise KilnError(f"unknown preset {name!r}{_suggest(name, MODEL_PRESETS)}; "
+                        "`kiln presets` lists them")
+    return ModelConfig(preset=name, **MODEL_PRESETS[name][1])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        if tp is Duration:
+            return "a duration like {value: 1000, unit: steps} or {value: 2e9, unit: tokens}"
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, str(tp)
+    )
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise _Mismatch."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except (_Mismatch, KilnError):
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str):  # a single path is a list of one
+                value = [value]
+            else:
+                raise _Mismatch
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, where) for v in value]
+    if tp is Duration:
+        if isinstance(value, Duration):
+            return value
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value)):
+            return Duration(float(value), "steps")
+        if isinstance(value, dict):
+            return _build(Duration, value, where)
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, where)
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _is_number(value) and float(value).is_integer():
+            return int(float(value))
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    return value
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise KilnError(f"unknown config key {path!r}{_suggest(str(key), names)}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+        except _Mismatch:
+            raise KilnError(
+                f"config field {path!r} expects {_type_name(hints[key])}, got {value!r}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for 'a.b', checking each key against the config schema."""
+    keys = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for i, key in enumerate(keys):
+        path = ".".join(keys[: i + 1])
+        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        if key not in names:
+            raise KilnError(f"unknown config key {path!r}{_suggest(key, names)}")
+        hint = typing.get_type_hints(cls)[key]
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        cls = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if cls is None:
+            raise KilnError(f"config field {path!r} has no sub-fields (it is {_type_name(hint)})")
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {} if child is None or cls is not Duration else {"value": child}
+            node[key] = child
+        node = child
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``['--optim.lr=3e-4', '--trainer.run_dir', 'x']`` -> ``[('optim.lr', '3e-4'), ...]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise KilnError(f"unexpected argument {arg!r}; overrides look like --optim.lr=3e-4")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = body, args[i + 1]
+            i += 1
+        else:
+            raise KilnError(f"override {arg!r} has no value; write --{body}=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise KilnError(f"override --{key}: cannot parse {raw!r} as a YAML value") from None
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> Config:
+    """Build a validated Config from a YAML-shaped dict plus (dotted key, value) overrides."""
+    tree = _deep_copy(raw or {})
+    if not isinstance(tree, dict):
+        raise KilnError("a config file must be a YAML mapping of sections (model, data, ...)")
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        base = dataclasses.asdict(preset_model(str(model["preset"])))
+        base.update(model)
+        tree["model"] = base
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file and apply ``--dot.path=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise KilnError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise KilnError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    return config_from_dict(raw, parse_overrides(overrides or []))
+
+
+def _deep_copy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field; each failure names the fields and the fix."""
+    cfg.model.validate()
+    t, d = cfg.trainer, cfg.data
+    if d.seq_len > cfg.model.max_seq_len:
+        raise KilnError(
+            f"data.seq_len={d.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if d.seq_len < 1:
+        raise KilnError("data.seq_len must be at least 1")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise KilnError("trainer.global_batch_size and trainer.micro_batch_size must be >= 1")
+    if t.global_batch_size % t.micro_batch_size:
+        raise KilnError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible into micro-batches"
+            f" of trainer.micro_batch_size={t.micro_batch_size}; pick a micro-batch size that "
+            "divides the global batch"
+        )
+    if d.stride is not None and d.stride < 1:
+        raise KilnError("data.stride must be >= 1")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise KilnError("data.val_fraction must be in [0, 1)")
+    if cfg.schedule.name == "wsd" and not 0.0 < cfg.schedule.decay_fraction <= 1.0:
+        raise KilnError("schedule.decay_fraction must be in (0, 1]")
+
+
+# --------------------------------------------------------------------------------------------
+# Derived numbers (computed here and nowhere else)
+
+
+@dataclass
+class RunNumbers:
+    tokens_per_step: int
+    micro_batches_per_step: int
+    total_steps: int
+    warmup_steps: int
+    stop_step: int
+    """Where the run ends: hard_stop if set and earlier than total_steps."""
+
+
+def run_numbers(cfg: Config, world_size: int = 1) -> RunNumbers:
+    t = cfg.trainer
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        raise KilnError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
+        )
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    total = t.max_duration.to_steps(tokens_per_step)
+    if total < 1:
+        raise KilnError("trainer.max_duration is shorter than one step")
+    warmup = min(cfg.schedule.warmup.to_steps(tokens_per_step), total)
+    stop = total if t.hard_stop is None else min(total, t.hard_stop.to_steps(tokens_per_step))
+    return RunNumbers(
+        tokens_per_step=tokens_per_step,
+        micro_batches_per_step=t.global_batch_size // (t.micro_batch_size * world_size),
+        total_steps=total,
+        warmup_steps=warmup,
+        stop_step=stop,
+    )

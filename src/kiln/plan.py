@@ -1,0 +1,55 @@
+"""What a run will do, before it does it: the numbers `kiln train --dry-run` prints."""
+
+from __future__ import annotations
+
+from kiln.config import Config, run_numbers
+from kiln.model import flops_per_token
+from kiln.optim import LRSchedule
+
+
+def plan_lines(cfg: Config, world_size: int = 1) -> tuple[list[str], list[str]]:
+    """(lines describing the run, loud warnings)."""
+    n = run_numbers(cfg, world_size)
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    lines, warnings = [], []
+    total_p = m.num_params()
+    lines.append(f"parameters            {total_p:,} ({m.num_params(False):,} without embeddings)")
+    lines.append(f"vocabulary            {m.vocab_size:,} (embedding padded to "
+                 f"{m.padded_vocab_size:,})")
+    lines.append(f"tokens per step       {n.tokens_per_step:,} "
+                 f"({t.global_batch_size} x {d.seq_len})")
+    lines.append(f"micro-batches/step    {n.micro_batches_per_step} of {t.micro_batch_size} "
+                 f"instances (x {world_size} rank{'s' if world_size > 1 else ''})")
+    lines.append(f"steps for duration    {n.total_steps:,} ({t.max_duration})")
+    lines.append(f"tokens for duration   {n.total_steps * n.tokens_per_step:,}")
+    if n.stop_step < n.total_steps:
+        lines.append(f"hard stop             step {n.stop_step:,} (schedule still planned to "
+                     f"{n.total_steps:,})")
+    lines.append(f"warmup ends           step {n.warmup_steps:,}")
+    lines.append(f"training FLOPs/token  {flops_per_token(m, d.seq_len):.3g}")
+    sched = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
+    keys = sorted({1, max(n.warmup_steps, 1), n.total_steps // 2, n.total_steps})
+    lines.append("lr at steps           " + ", ".join(f"{s:,}: {sched.lr(s):.3g}" for s in keys))
+    stride = d.stride or d.seq_len
+    if stride < d.seq_len:
+        warnings.append(
+            f"WARNING: data.stride={stride} < data.seq_len={d.seq_len}: windows OVERLAP, every "
+            f"token is seen ~{d.seq_len / stride:.0f} times per epoch (overfitting risk); "
+            "remove data.stride for non-overlapping windows"
+        )
+    return lines, warnings
+
+
+def data_lines(cfg: Config, train_windows: int, val_windows: int | None,
+               total_tokens: int, n_files: int) -> list[str]:
+    n = run_numbers(cfg)
+    per_epoch = train_windows * cfg.data.seq_len
+    epochs = n.stop_step * n.tokens_per_step / max(per_epoch, 1)
+    out = [
+        f"train data            {n_files} file(s), {total_tokens:,} tokens, {train_windows:,} "
+        f"windows of {cfg.data.seq_len + 1}",
+        f"epochs for the run    {epochs:.2f}",
+    ]
+    if val_windows is not None:
+        out.append(f"validation windows    {val_windows:,}")
+    return out
