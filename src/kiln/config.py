@@ -405,7 +405,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise KilnError(f"unknown config key {path!r}{_suggest(str(key), names)}")
+            raise KilnError(f"unknown config key {path!r}{_suggest_path(where, str(key), names)}")
         try:
             kwargs[key] = _coerce(value, hints[key], path)
         except _Mismatch:
@@ -424,7 +424,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         path = ".".join(keys[: i + 1])
         names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
         if key not in names:
-            raise KilnError(f"unknown config key {path!r}{_suggest(key, names)}")
+            raise KilnError(f"unknown config key {path!r}{_suggest_path('.'.join(keys[:i]), key, names)}")
         hint = typing.get_type_hints(cls)[key]
         if i == len(keys) - 1:
             node[key] = value
@@ -567,3 +567,10 @@ def run_numbers(cfg: Config, world_size: int = 1) -> RunNumbers:
         warmup_steps=warmup,
         stop_step=stop,
     )
+
+
+def _suggest_path(prefix: str, word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    if not close:
+        return ""
+    return f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)"

@@ -1,0 +1,285 @@
+"""The decoder-only transformer (OLMo / Llama family), in one readable file.
+
+Shape comes from :class:`kiln.config.ModelConfig` and nothing else. Parameter names are a
+stable format (checkpoints and Hugging Face interop rely on them)::
+
+    embed.weight                                  [padded_vocab, d_model]
+    blocks.{i}.attn_norm.{weight,bias}            (none for nonparametric_layernorm)
+    blocks.{i}.attn.{q,k,v,o}_proj.{weight,bias}  (bias only when cfg.bias)
+    blocks.{i}.attn.{q,k}_norm.{weight,bias}      (only when cfg.qk_norm)
+    blocks.{i}.mlp_norm.{weight,bias}
+    blocks.{i}.mlp.{gate,up,down}_proj.{weight,bias}
+    final_norm.{weight,bias}
+    lm_head.weight                                [padded_vocab, d_model] (IS embed.weight when tied)
+
+Initialisation (:meth:`Transformer.init_weights`):
+
+* the embedding and every Linear weight: truncated normal, mean 0, std ``init_std``, cut at
+  +-3 std;
+* the residual output projections ``o_proj`` and ``down_proj``: the same with std
+  ``init_std / sqrt(2 * n_layers)`` (GPT-2): each block adds two such outputs to the residual
+  stream, so this keeps its variance from growing with depth;
+* biases 0, norm weights 1.
+
+Randomness comes from torch's global RNG, so the caller seeds it. ``__init__`` only runs
+``init_weights`` when not on the meta device; a model built under ``torch.device("meta")``
+must be given ``to_empty(device=...)`` and then ``init_weights()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kiln.config import ModelConfig
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.generate import KVCache
+
+
+class Norm(nn.Module):
+    """rmsnorm, layernorm, or nonparametric_layernorm (no parameters at all, as OLMo-1)."""
+
+    def __init__(self, kind: str, dim: int, eps: float):
+        super().__init__()
+        self.kind, self.dim, self.eps = kind, dim, eps
+        if kind not in ("rmsnorm", "layernorm", "nonparametric_layernorm"):
+            raise KilnError(f"unknown model.norm {kind!r}; use rmsnorm, layernorm or "
+                            "nonparametric_layernorm")
+        self.weight = nn.Parameter(torch.ones(dim)) if kind != "nonparametric_layernorm" else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rmsnorm":
+            # Statistics in fp32 even under bf16 (as HF Llama/OLMo2); the weight is applied after
+            # casting back.
+            dtype = x.dtype
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * xf.to(dtype)
+        # F.layer_norm already runs in fp32 under autocast.
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings, HF Llama/OLMo "rotate_half" layout: pairs are (i, i + hd/2).
+
+
+def rope_cos_sin(head_dim: int, theta: float, length: int, device: torch.device
+                 ) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [length, head_dim] in fp32 (bf16 angles lose position precision)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                         / head_dim)
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = t[:, None] * inv_freq[None, :]  # elementwise, so autocast cannot lower it to bf16
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, T, hd] by the tables [T, hd]; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, kv_heads, T, hd] -> [B, kv_heads * n_rep, T, hd]; query head h uses kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        # OLMo-2 normalises the whole q / k projection (all heads together), not each head.
+        self.q_norm = Norm(cfg.norm, q_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.norm, kv_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """kv: this layer's (k, v) cache buffers [B, kv_heads, max_len, hd]; the new keys and
+        values are written at positions [start, start + T) and attention sees [0, start + T)."""
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, causal = None, True
+        if kv is not None:
+            k_buf, v_buf = kv
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            k = k_buf[:, :, :start + T].to(q.dtype)
+            v = v_buf[:, :, :start + T].to(q.dtype)
+            if start > 0:
+                causal = False
+                if T > 1:
+                    # SDPA's is_causal aligns the mask top-left, which is wrong when the queries
+                    # are the last T of start + T keys: query i may see keys 0 .. start + i.
+                    qpos = torch.arange(start, start + T, device=x.device)
+                    mask = torch.arange(start + T, device=x.device)[None, :] <= qpos[:, None]
+        rep = self.n_heads // self.kv_heads
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden_size, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.reordered = cfg.norm_placement == "reordered"
+        self.attn_norm = Norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        if self.reordered:  # OLMo-2: norm the sublayer's output before adding it
+            h = x + self.attn_norm(self.attn(x, cos, sin, kv, start))
+            return h + self.mlp_norm(self.mlp(h))
+        h = x + self.attn(self.attn_norm(x), cos, sin, kv, start)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = Norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        # No bias on the head: it would be a vocab-sized parameter ModelConfig does not count.
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self._tie()
+        # cos/sin tables: a plain attribute, not a buffer, so they stay out of state_dict and
+        # are not turned into uninitialised memory by to_empty(); rebuilt lazily in _rope().
+        self._rope_cache: tuple[Tensor, Tensor] | None = None
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def _tie(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module._apply (behind .to(), .cuda(), to_empty()) may replace each Parameter with a new
+        # one per module, which silently unties lm_head from embed; tie them again afterwards.
+        super()._apply(fn, *args, **kwargs)
+        self._tie()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The scheme in the module docstring. Safe to call after to_empty() from meta."""
+        self._tie()
+        self._rope_cache = None
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.trunc_normal_(self.embed.weight, 0.0, std, -3 * std, 3 * std)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if m.weight is self.embed.weight:
+                    continue  # tied head: already initialised as the embedding
+                s = out_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.trunc_normal_(m.weight, 0.0, s, -3 * s, 3 * s)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Norm):
+                m.reset_parameters()
+
+    def num_params(self) -> int:
+        """Parameters, tied ones counted once (parameters() de-duplicates)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        c = self._rope_cache
+        if c is None or c[0].device != device or c[0].shape[0] < length:
+            n = max(length, self.cfg.max_seq_len)
+            c = self._rope_cache = rope_cos_sin(self.cfg.head_dim, self.cfg.rope_theta, n, device)
+        return c
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
+        positions cache.length ..; their keys/values are appended and cache.length advances."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise KilnError(f"sequence of {start + T} tokens is longer than model.max_seq_len="
+                            f"{self.cfg.max_seq_len}; shorten the input or raise max_seq_len")
+        if cache is not None:
+            cache.check(B, start + T)
+        cos, sin = self._rope(start + T, tokens.device)
+        cos, sin = cos[start:start + T], sin[start:start + T]
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache.layer(i) if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(self.final_norm(x))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM formula used for MFU:
+
+    ``6 * N + 6 * d_model * padded_vocab + 12 * n_layers * d_model * seq_len``
+
+    N is the non-embedding parameter count: each weight does a multiply-add (2 FLOPs) per token
+    forward and twice that backward. The lm_head is counted separately because its matmul is
+    real work even when its weight is tied to the (lookup-only) embedding. The last term is the
+    attention scores and weighted sum (QK^T and AV, 2 * 2 * d_model * seq_len per layer forward,
+    x3 for backward), over the full seq_len as PaLM does (causal masking is not discounted).
+    """
+    n = cfg.num_params(include_embeddings=False)
+    head = cfg.d_model * cfg.padded_vocab_size
+    return float(6 * n + 6 * head + 12 * cfg.n_layers * cfg.d_model * seq_len)
