@@ -172,7 +172,8 @@ def test_vocab_over_65536_is_written_as_uint32(tmp_path):
     assert meta["vocab_size"] == len(vocab)
     f = TokenFile.open(tmp_path / "out" / "tokens.bin")
     assert f.dtype == np.uint32 and f.max_token_id() > 65535
-    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "big.json").read_bytes()
+    copied = (tmp_path / "out" / "tokenizer.json").read_bytes()
+    assert copied == (tmp_path / "big.json").read_bytes()
     assert_one_eos_per_document(np.asarray(f.tokens), 0, 5)
     check_vocab([f], len(vocab))
 

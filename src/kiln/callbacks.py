@@ -70,7 +70,7 @@ class ConsoleCallback(Callback):
     """Progress lines: step, loss, LR, grad norm, tokens/s, ETA."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self._t0 = time.perf_counter()
         self._step0 = 0
 
@@ -95,16 +95,24 @@ class ConsoleCallback(Callback):
             f"{m['tokens_per_sec']:,.0f} tok/s | ETA {_fmt_time(eta)}"
         )
 
+    def on_checkpoint(self, trainer, path: Path) -> None:
+        self.console.print(f"[green]saved checkpoint {path}[/green]")
+
     def on_eval(self, trainer, m: dict) -> None:
+        self._last_eval = m
         self.console.print(
             f"[cyan]eval   step {m['step']:>6} | val_loss {m['val_loss']:.4f} | "
             f"val_ppl {m['val_ppl']:.2f}[/cyan]"
         )
 
-    def on_checkpoint(self, trainer, path: Path) -> None:
-        self.console.print(f"[green]saved checkpoint {path}[/green]")
-
     def on_fit_end(self, trainer, m: dict) -> None:
         elapsed = time.perf_counter() - self._t0
         self.console.print(f"done: step {trainer.step}, {trainer.tokens_seen:,} tokens, "
                            f"{_fmt_time(elapsed)}")
+        ev = getattr(self, "_last_eval", None)
+        baseline = trainer.unigram_entropy
+        if ev is not None and baseline is not None:
+            self.console.print(
+                f"final val_loss {ev['val_loss']:.4f} nats vs unigram entropy of the training "
+                f"data {baseline:.4f} nats ({baseline - ev['val_loss']:+.4f} better)"
+            )

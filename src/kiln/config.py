@@ -21,7 +21,6 @@ import yaml
 
 from kiln.errors import KilnError
 
-
 # --------------------------------------------------------------------------------------------
 # Durations
 
@@ -424,7 +423,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         path = ".".join(keys[: i + 1])
         names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
         if key not in names:
-            raise KilnError(f"unknown config key {path!r}{_suggest_path('.'.join(keys[:i]), key, names)}")
+            hint = _suggest_path(".".join(keys[:i]), key, names)
+            raise KilnError(f"unknown config key {path!r}{hint}")
         hint = typing.get_type_hints(cls)[key]
         if i == len(keys) - 1:
             node[key] = value

@@ -10,7 +10,7 @@ stable format (checkpoints and Hugging Face interop rely on them)::
     blocks.{i}.mlp_norm.{weight,bias}
     blocks.{i}.mlp.{gate,up,down}_proj.{weight,bias}
     final_norm.{weight,bias}
-    lm_head.weight                                [padded_vocab, d_model] (IS embed.weight when tied)
+    lm_head.weight                                [padded_vocab, d_model] (embed.weight if tied)
 
 Initialisation (:meth:`Transformer.init_weights`):
 
@@ -99,7 +99,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """[B, kv_heads, T, hd] -> [B, kv_heads * n_rep, T, hd]; query head h uses kv head h // n_rep."""
+    """[B, kv_heads, T, hd] -> [B, kv_heads * n_rep, T, hd]; query head h uses kv head h//n_rep."""
     if n_rep == 1:
         return x
     b, h, t, d = x.shape

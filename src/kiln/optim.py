@@ -73,7 +73,8 @@ class Segment:
         if self.shape == "linear":
             return self.lr_start + (self.lr_end - self.lr_start) * frac
         if self.shape == "cosine":
-            return self.lr_end + (self.lr_start - self.lr_end) * 0.5 * (1 + math.cos(math.pi * frac))
+            cos = 0.5 * (1 + math.cos(math.pi * frac))
+            return self.lr_end + (self.lr_start - self.lr_end) * cos
         raise ValueError(f"unknown segment shape {self.shape!r}")
 
 
@@ -109,7 +110,7 @@ class LRSchedule:
 
     @classmethod
     def build(cls, cfg: ScheduleConfig, peak_lr: float, total_steps: int, warmup_steps: int,
-              start: int = 0) -> "LRSchedule":
+              start: int = 0) -> LRSchedule:
         """The schedule a config describes, for steps start .. start + total_steps."""
         final = peak_lr * cfg.final_lr_fraction
         w_end = start + warmup_steps

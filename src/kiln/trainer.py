@@ -93,6 +93,8 @@ class Trainer:
         # Data
         self.train_data, self.val_data, files = build_datasets(cfg)
         self.tokenizer_path = find_tokenizer(cfg, files)
+        entropies = [f.meta.get("unigram_entropy") for f in files]
+        self.unigram_entropy = entropies[0] if len(files) == 1 else None
         self.loader = BatchLoader(self.train_data, t.global_batch_size, cfg.data.seed,
                                   prefetch=cfg.data.prefetch)
 
@@ -176,7 +178,8 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, cross entropy for logging) of one micro-batch."""
         logits = logits.float().view(-1, logits.size(-1))
         ce = F.cross_entropy(logits, targets.reshape(-1))

@@ -42,7 +42,7 @@ class WindowDataset:
     def __len__(self) -> int:
         return max(0, self.hi - self.lo)
 
-    def split_tail(self, fraction: float) -> tuple["WindowDataset", "WindowDataset"]:
+    def split_tail(self, fraction: float) -> tuple[WindowDataset, WindowDataset]:
         """(head, tail) with the last `fraction` of windows held out in the tail."""
         n_tail = math.ceil(len(self) * fraction) if fraction > 0 else 0
         cut = self.hi - n_tail

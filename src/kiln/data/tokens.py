@@ -273,6 +273,16 @@ def check_vocab(files: Iterable[TokenFile], vocab_size: int) -> None:
             )
 
 
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of the token frequency distribution: the loss of a model that knows
+    only how often each token occurs, the baseline any trained model must beat."""
+    c = counts[counts > 0].astype(np.float64)
+    if c.size == 0:
+        return 0.0
+    p = c / c.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 class TokenWriter:
     """Streams documents into ``NAME.bin`` + ``NAME.json``, atomically.
 
@@ -314,6 +324,7 @@ class TokenWriter:
         self.documents = 0
         self.tokens = 0
         self.max_token_id = -1
+        self._counts = np.zeros(0, dtype=np.int64)  # unigram counts, for the entropy baseline
         self.meta: dict[str, Any] | None = None
         self._check_free()
 
@@ -363,6 +374,9 @@ class TokenWriter:
         self.documents += added
         self.tokens += int(out.size)
         self.max_token_id = max(self.max_token_id, int(out.max()))
+        counts = np.bincount(out, minlength=len(self._counts))
+        counts[: len(self._counts)] += self._counts
+        self._counts = counts
         self._buf.append(out)
         self._buf_tokens += out.size
         if self._buf_tokens >= _FLUSH_TOKENS:
@@ -386,6 +400,7 @@ class TokenWriter:
             "documents": self.documents,
             "tokens": self.tokens,
             "max_token_id": self.max_token_id,
+            "unigram_entropy": unigram_entropy(self._counts),
             "sources": self.sources,
         }
 
