@@ -114,5 +114,5 @@ class ConsoleCallback(Callback):
         if ev is not None and baseline is not None:
             self.console.print(
                 f"final val_loss {ev['val_loss']:.4f} nats vs unigram entropy of the training "
-                f"data {baseline:.4f} nats ({baseline - ev['val_loss']:+.4f} better)"
+                f"data {baseline:.4f} nats ({baseline - ev['val_loss']:.2f} nats below it)"
             )
