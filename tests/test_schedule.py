@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kiln.config import ScheduleConfig
-from kiln.optim import LRSchedule
+from kiln.schedule import LRSchedule
 
 
 def build(name, total=100, warmup=10, **kw):

@@ -18,8 +18,15 @@ class Callback:
     def on_fit_start(self, trainer) -> None: ...
     def on_log(self, trainer, metrics: dict) -> None: ...
     def on_eval(self, trainer, metrics: dict) -> None: ...
+    def on_preempt(self, trainer, result: dict) -> None:
+        self.console.print(
+            f"[yellow]stopped by {result['preempted']} at step {trainer.step}; checkpoint "
+            f"{result['checkpoint']}; resume with: kiln train {trainer.run_dir}[/yellow]"
+        )
+
     def on_checkpoint(self, trainer, path: Path) -> None: ...
     def on_fit_end(self, trainer, metrics: dict) -> None: ...
+    def on_preempt(self, trainer, result: dict) -> None: ...
 
 
 class MetricsFileCallback(Callback):
@@ -53,6 +60,9 @@ class MetricsFileCallback(Callback):
     def on_eval(self, trainer, metrics: dict) -> None:
         self._write(metrics)
 
+    def on_preempt(self, trainer, result: dict) -> None:
+        self.on_fit_end(trainer, result)
+
     def on_fit_end(self, trainer, metrics: dict) -> None:
         if self._f is not None:
             self._f.close()
@@ -77,13 +87,16 @@ class ConsoleCallback(Callback):
     def on_fit_start(self, trainer) -> None:
         n = trainer.numbers
         self._t0, self._step0 = time.perf_counter(), trainer.step
-        where = f"resumed from {trainer.resumed_from}" if trainer.resumed_from else "new run"
+        where = {"new": "new run", "resume": f"resumed from {trainer.plan.source}",
+                 "init": f"new run from {trainer.plan.source}"}[trainer.plan.kind]
         self.console.print(
             f"[bold]kiln[/bold] {where} | {trainer.model.num_params():,} params | "
             f"{trainer.device.type} {trainer.precision} | {n.tokens_per_step:,} tokens/step | "
             f"steps {trainer.step} -> {n.stop_step} of {n.total_steps} | run_dir "
             f"{trainer.run_dir}"
         )
+        for note in trainer.plan.notes[1:]:
+            self.console.print(note, markup=False)
 
     def on_log(self, trainer, m: dict) -> None:
         done = trainer.step - self._step0
@@ -93,6 +106,12 @@ class ConsoleCallback(Callback):
             f"step {m['step']:>6}/{trainer.numbers.stop_step} | loss {m['loss']:.4f} | "
             f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
             f"{m['tokens_per_sec']:,.0f} tok/s | ETA {_fmt_time(eta)}"
+        )
+
+    def on_preempt(self, trainer, result: dict) -> None:
+        self.console.print(
+            f"[yellow]stopped by {result['preempted']} at step {trainer.step}; checkpoint "
+            f"{result['checkpoint']}; resume with: kiln train {trainer.run_dir}[/yellow]"
         )
 
     def on_checkpoint(self, trainer, path: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kiln.errors import KilnError
@@ -198,6 +199,25 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 # Loading
 
 
+def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, config) of a checkpoint folder, without reading any tensor."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise KilnError(f"checkpoint {path} is damaged ({e}); use an earlier one") from e
+    return trainer, config
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the stored weights, read from the safetensors header only."""
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise KilnError(f"cannot read {path / 'model.safetensors'}: {e}; the file is damaged") from e
+
+
 def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
     """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest)."""
     p = resolve(path)
@@ -205,8 +225,7 @@ def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
         model = load_file(str(p / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise KilnError(f"cannot read {p / 'model.safetensors'}: {e}; the file is damaged") from e
-    trainer = json.loads((p / "trainer.json").read_text())
-    config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    trainer, config = read_meta(p)
     optim = rng = None
     try:
         if with_optim and (p / "optim.pt").is_file():
@@ -218,23 +237,27 @@ def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
     return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
 
 
-def check_shapes(saved: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
-                 where: Path) -> None:
-    """Refuse a checkpoint written by another model shape, naming the first mismatch."""
+def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],
+                 where: Path, tied: bool | None = None) -> None:
+    """Refuse a checkpoint written by another model shape, naming the first mismatch.
+
+    `saved` maps names to tensors or to shapes (see tensor_shapes)."""
     for name, t in model_state.items():
         if name not in saved:
-            tied = name == "lm_head.weight" and "embed.weight" in model_state and (
-                t.data_ptr() == model_state["embed.weight"].data_ptr())
-            if tied:
+            if tied is None:
+                tied = "embed.weight" in model_state and (
+                    t.data_ptr() == model_state["embed.weight"].data_ptr())
+            if name == "lm_head.weight" and "embed.weight" in saved and tied:
                 continue  # a tied head is saved once
             raise KilnError(
                 f"checkpoint {where} has no tensor {name!r}: it was written by a different "
                 "model shape; use the model config it was trained with or another run_dir"
             )
-        if tuple(saved[name].shape) != tuple(t.shape):
+        shape = tuple(getattr(saved[name], "shape", saved[name]))
+        if shape != tuple(t.shape):
             raise KilnError(
                 f"checkpoint {where} was written by a different model shape: {name} is "
-                f"{list(saved[name].shape)} there and {list(t.shape)} here; use the model "
+                f"{list(shape)} there and {list(t.shape)} here; use the model "
                 "config it was trained with or another run_dir"
             )
     extra = [k for k in saved if k not in model_state]

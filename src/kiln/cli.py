@@ -26,28 +26,36 @@ def _config_path(arg: str) -> str:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from kiln.config import load_config
+    from kiln.start import parse_extend_to
 
     cfg = load_config(_config_path(args.config), overrides)
+    extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, extend_to, args.extend_shape)
     from kiln.trainer import Trainer
 
-    Trainer(cfg, resume=not args.no_resume).fit()
+    Trainer(cfg, resume=not args.no_resume, extend_to=extend_to,
+            extend_shape=args.extend_shape).fit()
     return 0
 
 
-def dry_run(cfg) -> int:
+def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
     from rich.console import Console
 
     from kiln.plan import data_lines, plan_lines
+    from kiln.start import plan_start
     from kiln.trainer import build_datasets
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
+    train, val, files = build_datasets(cfg)
+    plan = plan_start(cfg, extend_to, extend_shape)
     console.print("[bold]# resolved config[/bold]")
     console.print(cfg.to_yaml(), markup=False)
+    console.print("[bold]# how this run starts[/bold]")
+    for note in plan.notes:
+        console.print(note, markup=False)
     console.print("[bold]# derived numbers[/bold]")
-    lines, warnings = plan_lines(cfg)
-    train, val, files = build_datasets(cfg)
+    lines, warnings = plan_lines(cfg, plan=plan)
     lines += data_lines(cfg, len(train), None if val is None else len(val),
                         sum(len(f) for f in files), len(files))
     for line in lines:
@@ -55,6 +63,41 @@ def dry_run(cfg) -> int:
     for w in warnings:
         console.print(f"[bold red]{w}[/bold red]")
     console.print("dry run: nothing was trained or written")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# kiln schedule
+
+
+def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
+    from kiln import checkpoint as ckpt
+    from kiln.config import load_config
+    from kiln.plot import plot_schedule
+    from kiln.schedule import LRSchedule
+    from kiln.start import parse_extend_to, plan_start
+
+    target = Path(args.target)
+    extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
+    if target.is_dir() and not (target / "config.yaml").is_file() or ckpt.is_complete(target):
+        # a bare checkpoint folder: show what it stored
+        trainer, _ = ckpt.read_meta(ckpt.resolve(target))
+        schedule, current = LRSchedule.from_state(trainer["schedule"]), int(trainer["step"])
+        out_default, notes = target / "lr.png", []
+    else:
+        cfg = load_config(_config_path(args.target), overrides)
+        plan = plan_start(cfg, extend_to, args.extend_shape)
+        schedule, notes = plan.schedule, plan.notes
+        current = plan.step if plan.kind != "new" else None
+        out_default = Path(cfg.trainer.run_dir) / "plots" / "lr.png"
+    for note in notes:
+        print(note)
+    print(f"{'step':>10}  lr")
+    for s in schedule.key_steps(current):
+        mark = "  <- now" if current is not None and s == current else ""
+        print(f"{s:>10,}  {schedule.lr(s):.4g}{mark}")
+    out = plot_schedule(schedule, Path(args.out) if args.out else out_default, current=current)
+    print(f"wrote {out}")
     return 0
 
 
@@ -195,7 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved config and derived numbers, then exit")
     p.add_argument("--no-resume", action="store_true",
                    help="refuse to touch a run directory that is not empty")
+    p.add_argument("--extend-to", default=None, metavar="END",
+                   help="resume and replace the schedule's tail with a decay from the current "
+                   "step and LR to the final LR at END (5000, 5000steps, 2e9tokens)")
+    p.add_argument("--extend-shape", choices=["cosine", "linear"], default="cosine",
+                   help="shape of the --extend-to decay (default cosine)")
     p.set_defaults(func=cmd_train, overrides=True)
+
+    p = sub.add_parser("schedule", help="print and plot the LR schedule of a run or config",
+                       description="Print the LR at key steps and write a PNG of the curve "
+                       "(trained part solid, planned part dashed).")
+    p.add_argument("target", help="run directory, checkpoint, or YAML config")
+    p.add_argument("--extend-to", default=None, metavar="END",
+                   help="preview `kiln train RUN_DIR --extend-to=END`")
+    p.add_argument("--extend-shape", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/lr.png)")
+    p.set_defaults(func=cmd_schedule, overrides=True)
 
     p = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet into token files")
     from kiln.data.prepare import add_prepare_arguments

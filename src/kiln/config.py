@@ -186,6 +186,30 @@ class ScheduleConfig:
     final_lr_fraction: float = 0.1
     decay_fraction: float = 0.2
     """WSD only: share of the run (after warmup) spent decaying at the end."""
+    restart: bool = False
+    """With init.from: a fresh warmup + decay on top of the loaded weights, instead of
+    continuing the source run's LR (remaining warmup carried over, decay from its LR)."""
+
+
+@dataclass
+class InitConfig:
+    """How a NEW run starts from an existing checkpoint (ignored when resuming a run).
+
+    Resume = RUN_DIR already has checkpoints: everything is restored, bit-exact.
+    Start from = RUN_DIR is new and ``init.from`` names a checkpoint: only what is chosen
+    below is carried over.
+    """
+
+    from_: str | None = None
+    """Checkpoint folder or run directory (its latest checkpoint) to start from (YAML key
+    ``from``)."""
+    load_optimizer: bool = True
+    """Carry over Adam's moments and step counts (else a fresh optimizer)."""
+    load_schedule_position: bool = True
+    """Keep the source's step and tokens-seen counters (else count from 0)."""
+    load_data_position: bool = False
+    """Continue the source's data order (needs the same data.paths), else start the data
+    at its beginning."""
 
 
 @dataclass
@@ -236,9 +260,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _with_yaml_keys(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -397,19 +422,36 @@ def _is_number(s: str) -> bool:
         return False
 
 
+# YAML keys that are Python keywords map to fields with a trailing underscore.
+_ALIASES = {"from": "from_"}
+
+
+def _with_yaml_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        back = {v: k for k, v in _ALIASES.items()}
+        return {back.get(k, k): _with_yaml_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _yaml_names(cls: type) -> list[str]:
+    back = {v: k for k, v in _ALIASES.items()}
+    return [back.get(f.name, f.name) for f in dataclasses.fields(cls)]
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = _yaml_names(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise KilnError(f"unknown config key {path!r}{_suggest_path(where, str(key), names)}")
+        field_name = _ALIASES.get(key, key)
         try:
-            kwargs[key] = _coerce(value, hints[key], path)
+            kwargs[field_name] = _coerce(value, hints[field_name], path)
         except _Mismatch:
             raise KilnError(
-                f"config field {path!r} expects {_type_name(hints[key])}, got {value!r}"
+                f"config field {path!r} expects {_type_name(hints[field_name])}, got {value!r}"
             ) from None
     return cls(**kwargs)
 
@@ -421,11 +463,11 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for i, key in enumerate(keys):
         path = ".".join(keys[: i + 1])
-        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        names = _yaml_names(cls) if dataclasses.is_dataclass(cls) else []
         if key not in names:
             hint = _suggest_path(".".join(keys[:i]), key, names)
             raise KilnError(f"unknown config key {path!r}{hint}")
-        hint = typing.get_type_hints(cls)[key]
+        hint = typing.get_type_hints(cls)[_ALIASES.get(key, key)]
         if i == len(keys) - 1:
             node[key] = value
             return

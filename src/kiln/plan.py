@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from kiln.config import Config, run_numbers
 from kiln.model import flops_per_token
-from kiln.optim import LRSchedule
+from kiln.schedule import LRSchedule
 
 
-def plan_lines(cfg: Config, world_size: int = 1) -> tuple[list[str], list[str]]:
-    """(lines describing the run, loud warnings)."""
+def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], list[str]]:
+    """(lines describing the run, loud warnings); `plan` is a kiln.start.StartPlan."""
     n = run_numbers(cfg, world_size)
+    if plan is not None:
+        n.total_steps = plan.total_steps
+        if cfg.trainer.hard_stop is None:
+            n.stop_step = plan.total_steps
     m, d, t = cfg.model, cfg.data, cfg.trainer
     lines, warnings = [], []
     total_p = m.num_params()
@@ -21,14 +25,22 @@ def plan_lines(cfg: Config, world_size: int = 1) -> tuple[list[str], list[str]]:
     lines.append(f"micro-batches/step    {n.micro_batches_per_step} of {t.micro_batch_size} "
                  f"instances (x {world_size} rank{'s' if world_size > 1 else ''})")
     lines.append(f"steps for duration    {n.total_steps:,} ({t.max_duration})")
-    lines.append(f"tokens for duration   {n.total_steps * n.tokens_per_step:,}")
+    start = plan.step if plan is not None else 0
+    if start:
+        lines.append(f"steps this run        {n.stop_step - start:,} ({start:,} -> "
+                     f"{n.stop_step:,})")
+    lines.append(f"tokens this run       {(n.stop_step - start) * n.tokens_per_step:,}")
     if n.stop_step < n.total_steps:
         lines.append(f"hard stop             step {n.stop_step:,} (schedule still planned to "
                      f"{n.total_steps:,})")
-    lines.append(f"warmup ends           step {n.warmup_steps:,}")
+    if plan is None:
+        sched = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
+    else:
+        sched = plan.schedule
+    lines.append(f"warmup ends           step {max(sched.warmup_end, 0):,}")
     lines.append(f"training FLOPs/token  {flops_per_token(m, d.seq_len):.3g}")
-    sched = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
-    keys = sorted({1, max(n.warmup_steps, 1), n.total_steps // 2, n.total_steps})
+    keys = sched.key_steps(start or None)
+    keys = [s for s in keys if s >= start] or keys
     lines.append("lr at steps           " + ", ".join(f"{s:,}: {sched.lr(s):.3g}" for s in keys))
     stride = d.stride or d.seq_len
     if stride < d.seq_len:

@@ -10,8 +10,13 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,12 +24,14 @@ import torch.nn.functional as F
 
 from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
-from kiln.config import Config, RunNumbers, run_numbers
+from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
 from kiln.data.tokens import TokenFile, check_vocab, open_token_files
 from kiln.errors import KilnError
 from kiln.model import Transformer, flops_per_token
-from kiln.optim import LRSchedule, build_optimizer
+from kiln.optim import apply_hyperparameters, build_optimizer
+from kiln.schedule import LRSchedule
+from kiln.start import StartPlan, plan_start
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,9 +84,14 @@ def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = True,
-                 callbacks: list[Callback] | None = None):
+                 callbacks: list[Callback] | None = None, extend_to: Duration | None = None,
+                 extend_shape: str = "cosine"):
         self.cfg = cfg
         t = cfg.trainer
+        self.run_dir = Path(t.run_dir)
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise KilnError(f"run directory {str(self.run_dir)!r} is not empty and --no-resume "
+                            "was given; choose an empty trainer.run_dir")
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
@@ -87,11 +99,16 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if use_bf16 else nullcontext())
         self.precision = "bf16" if use_bf16 else "fp32"
-        self.run_dir = Path(t.run_dir)
-        self.numbers: RunNumbers = run_numbers(cfg)
 
-        # Data
+        # Data, then how the run starts (new / resume / from a checkpoint)
         self.train_data, self.val_data, files = build_datasets(cfg)
+        self.train_files = files
+        self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape)
+        n = run_numbers(cfg)
+        stop = self.plan.total_steps
+        if t.hard_stop is not None:
+            stop = min(stop, t.hard_stop.to_steps(n.tokens_per_step))
+        self.numbers: RunNumbers = replace(n, total_steps=self.plan.total_steps, stop_step=stop)
         self.tokenizer_path = find_tokenizer(cfg, files)
         entropies = [f.meta.get("unigram_entropy") for f in files]
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
@@ -102,23 +119,14 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedule = LRSchedule.build(cfg.schedule, cfg.optim.lr, self.numbers.total_steps,
-                                         self.numbers.warmup_steps)
-        self.step = 0
-        self.tokens_seen = 0
+        self.schedule: LRSchedule = self.plan.schedule
+        self.step = self.plan.step
+        self.tokens_seen = self.plan.tokens_seen
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-
-        # Resume, or claim the run directory
         self.resumed_from: Path | None = None
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is not None:
-            if not resume:
-                raise KilnError(f"run directory {str(self.run_dir)!r} already has checkpoints and"
-                                " --no-resume was given; choose an empty trainer.run_dir")
-            self._restore(latest)
-        elif not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise KilnError(f"run directory {str(self.run_dir)!r} is not empty and --no-resume "
-                            "was given; choose an empty trainer.run_dir")
+        if self.plan.source is not None:
+            self._load_source(self.plan)
+        self.stop_requested: str | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
@@ -138,32 +146,31 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "total_steps": self.numbers.total_steps,
             "tokens_per_step": self.numbers.tokens_per_step,
+            "data_files": [str(f.path) for f in self.train_files],
         }
 
-    def _restore(self, path: Path) -> None:
-        c = ckpt.load(path)
-        ckpt.load_model_state(self.model, c.model, path)
-        saved_total = int(c.trainer.get("total_steps", self.numbers.total_steps))
-        if saved_total != self.numbers.total_steps:
-            raise KilnError(
-                f"trainer.max_duration gives {self.numbers.total_steps} steps but the run in "
-                f"{self.run_dir} was planned for {saved_total}; resume with the original "
-                "max_duration (the saved LR schedule is kept)"
-            )
-        if c.optim is not None:
+    def _load_source(self, plan: StartPlan) -> None:
+        """Load what the plan carries over from its source checkpoint."""
+        c = ckpt.load(plan.source, with_optim=plan.load_optimizer)
+        ckpt.load_model_state(self.model, c.model, plan.source)
+        if plan.load_optimizer:
+            if c.optim is None:
+                raise KilnError(f"{plan.source} holds no optimizer state; set "
+                                "init.load_optimizer=false")
             try:
                 self.optimizer.load_state_dict(c.optim)
             except (ValueError, KeyError) as e:
-                raise KilnError(f"optimizer state in {path} does not fit this model: {e}") from e
-        self.schedule.load_state_dict(c.trainer["schedule"])
-        self.loader.load_state_dict(c.trainer["data"])
-        self.step = int(c.trainer["step"])
-        self.tokens_seen = int(c.trainer["tokens_seen"])
-        if c.rng is not None:
-            torch.set_rng_state(c.rng["cpu"])
-            if torch.cuda.is_available() and "cuda" in c.rng:
-                torch.cuda.set_rng_state(c.rng["cuda"])
-        self.resumed_from = path
+                raise KilnError(f"optimizer state in {plan.source} does not fit this model: "
+                                f"{e}") from e
+            apply_hyperparameters(self.optimizer, self.cfg.optim)
+        if plan.load_data_position and plan.data_state is not None:
+            self.loader.load_state_dict(plan.data_state)
+        if plan.kind == "resume":
+            if c.rng is not None:
+                torch.set_rng_state(c.rng["cpu"])
+                if torch.cuda.is_available() and "cuda" in c.rng:
+                    torch.cuda.set_rng_state(c.rng["cuda"])
+            self.resumed_from = plan.source
 
     def save_checkpoint(self) -> Path:
         rng = {"cpu": torch.get_rng_state()}
@@ -239,7 +246,38 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
+    @contextmanager
+    def _preemption_signals(self):
+        """SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, stop. A second one aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_requested is not None:
+                sys.stderr.write(f"kiln: second signal ({name}): aborting now; existing "
+                                 "checkpoints are untouched\n")
+                sys.stderr.flush()
+                os._exit(128 + signum)
+            self.stop_requested = name
+            sys.stderr.write(f"kiln: {name} received: finishing this step, then saving a "
+                             "checkpoint (send it again to abort at once)\n")
+            sys.stderr.flush()
+
+        sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+        previous = {s: signal.signal(s, handler) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
     def fit(self) -> dict:
+        with self._preemption_signals():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, n = self.cfg, self.numbers
         stop = n.stop_step
         self._emit("on_fit_start")
@@ -280,8 +318,17 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step != stop:
                     self._emit("on_checkpoint", self.save_checkpoint())
+                if self.stop_requested is not None:
+                    break
         finally:
             self.loader.close()
+        if self.stop_requested is not None:
+            path = ckpt.latest_checkpoint(self.run_dir)
+            if path is None or path.name != f"step{self.step}":
+                path = self.save_checkpoint()
+            result = {**last, "preempted": self.stop_requested, "checkpoint": str(path)}
+            self._emit("on_preempt", result)
+            return result
         if self.step == start_step:  # nothing trained: the run was already complete
             self._emit("on_fit_end", last)
             return last

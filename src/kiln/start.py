@@ -1,0 +1,247 @@
+"""How a run starts: new, resumed, or started from another run's checkpoint.
+
+:func:`plan_start` decides everything that depends on earlier checkpoints (which one, the
+step counter, the LR schedule, what is carried over) from their small metadata files alone,
+so ``--dry-run`` and ``kiln schedule`` describe exactly what ``kiln train`` will do. The
+trainer then loads the tensors the plan names.
+
+* **resume**: RUN_DIR already has checkpoints. Everything is restored; the saved schedule is
+  kept. A changed ``max_duration`` is refused unless ``--extend-to`` asks for a new tail.
+* **start from** (``init.from``): a new run initialised from a checkpoint with explicit
+  choices for the optimizer, the counters and the data position (see InitConfig).
+* **new**: a fresh run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kiln import checkpoint as ckpt
+from kiln.config import Config, Duration, config_from_dict, run_numbers
+from kiln.data.tokens import resolve_paths
+from kiln.errors import KilnError
+from kiln.schedule import LRSchedule
+
+
+@dataclass
+class StartPlan:
+    kind: str  # "new" | "resume" | "init"
+    schedule: LRSchedule
+    total_steps: int
+    step: int = 0
+    tokens_seen: int = 0
+    source: Path | None = None
+    """The checkpoint to load (resume) or to start from (init)."""
+    load_optimizer: bool = False
+    load_data_position: bool = False
+    data_state: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    """Plain-words description of the choices, for the console and --dry-run."""
+
+
+def parse_extend_to(text: str) -> Duration:
+    """'1000', '1000steps', '2e9tokens' or '{value: 2e9, unit: tokens}' -> Duration."""
+    import yaml
+
+    raw = text.strip().replace("_", "")
+    for unit in ("tokens", "steps"):
+        if raw.endswith(unit) and _is_float(raw[: -len(unit)]):
+            return Duration(float(raw[: -len(unit)]), unit)
+    if _is_float(raw):
+        return Duration(float(raw), "steps")
+    try:
+        value = yaml.safe_load(text)
+        if isinstance(value, dict):
+            return Duration(float(value["value"]), value.get("unit", "steps"))
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        pass
+    raise KilnError(f"--extend-to={text!r} is not a duration; write --extend-to=5000 (steps), "
+                    "--extend-to=2e9tokens or --extend-to='{value: 2e9, unit: tokens}'")
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _steps(d: Duration, tokens_per_step: int) -> int:
+    return int(d.value) if d.unit == "steps" else math.ceil(d.value / tokens_per_step)
+
+
+def _data_files(paths: list[str]) -> list[str]:
+    try:
+        return [str(p) for p in resolve_paths(paths)]
+    except KilnError:
+        return list(paths)
+
+
+def check_model_shape(cfg: Config, source: Path) -> None:
+    """Refuse a checkpoint whose tensors do not fit cfg.model, naming the first mismatch."""
+    from kiln.model import Transformer
+
+    with torch.device("meta"):
+        expected = Transformer(cfg.model).state_dict()
+    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, source,
+                      tied=cfg.model.tie_embeddings)
+
+
+def plan_start(cfg: Config, extend_to: Duration | None = None,
+               extend_shape: str = "cosine") -> StartPlan:
+    """Decide how this run starts (see the module docstring). Reads metadata only."""
+    n = run_numbers(cfg)
+    latest = ckpt.latest_checkpoint(cfg.trainer.run_dir)
+    if latest is not None:
+        return _plan_resume(cfg, latest, extend_to, extend_shape)
+    if extend_to is not None:
+        raise KilnError(f"--extend-to needs a run to extend, but {cfg.trainer.run_dir!r} has no "
+                        "checkpoint; train it first or point trainer.run_dir at the run")
+    if cfg.init.from_:
+        return _plan_init(cfg)
+    sched = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
+    return StartPlan("new", sched, n.total_steps, notes=["start: a new run from random weights"])
+
+
+def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
+                 extend_shape: str) -> StartPlan:
+    trainer, saved_raw = ckpt.read_meta(latest)
+    saved = config_from_dict(saved_raw)
+    check_model_shape(cfg, latest)
+    step, tokens = int(trainer["step"]), int(trainer["tokens_seen"])
+    schedule = LRSchedule.from_state(trainer["schedule"])
+    total = int(trainer["total_steps"])
+    notes = [f"start: resume {cfg.trainer.run_dir} from {latest.name} (step {step:,}, "
+             f"{tokens:,} tokens seen); weights, optimizer, schedule, data position and RNG "
+             "restored"]
+    if cfg.init.from_:
+        notes.append(f"init.from={cfg.init.from_} is not applied again: this run already exists")
+
+    if _data_files(cfg.data.paths) != trainer.get("data_files", _data_files(saved.data.paths)):
+        raise KilnError(
+            f"data.paths differ from those of the run in {cfg.trainer.run_dir}; to switch data, "
+            f"start a new run with --init.from={latest} (its data starts fresh)"
+        )
+    if cfg.data.seq_len != saved.data.seq_len:
+        raise KilnError(f"data.seq_len changed from {saved.data.seq_len} to {cfg.data.seq_len}; "
+                        "a run keeps its sequence length (start a new run with init.from)")
+    tps = cfg.trainer.global_batch_size * cfg.data.seq_len
+    if cfg.trainer.global_batch_size != saved.trainer.global_batch_size:
+        notes.append(
+            f"global batch changed {saved.trainer.global_batch_size} -> "
+            f"{cfg.trainer.global_batch_size}: the data position is kept at "
+            f"{trainer['data']['tokens_in_epoch']:,} tokens into epoch {trainer['data']['epoch']}"
+            f" (no window repeated or skipped); the LR schedule keeps its step axis"
+        )
+    if cfg.trainer.micro_batch_size != saved.trainer.micro_batch_size:
+        notes.append(f"micro-batch changed {saved.trainer.micro_batch_size} -> "
+                     f"{cfg.trainer.micro_batch_size}: only gradient accumulation changes")
+
+    if extend_to is not None:
+        new_end = _steps(extend_to, tps)
+        if new_end <= step:
+            raise KilnError(f"--extend-to={extend_to} (step {new_end:,}) is not after the current "
+                            f"step {step:,}; give a later end")
+        if new_end != schedule.end:
+            peak = cfg.optim.lr
+            schedule = schedule.relay(step, end=new_end, peak=peak,
+                                      final=peak * cfg.schedule.final_lr_fraction,
+                                      cfg=cfg.schedule, shape=extend_shape)
+            notes.append(f"schedule: extended from step {total:,} to {new_end:,}: {extend_shape} "
+                         f"from the current LR {schedule.lr(step):.3g} to "
+                         f"{schedule.lr(new_end):.3g}")
+        total = new_end
+        cfg.trainer.max_duration = extend_to
+    elif cfg.trainer.max_duration != saved.trainer.max_duration:
+        raise KilnError(
+            f"trainer.max_duration changed from {saved.trainer.max_duration} to "
+            f"{cfg.trainer.max_duration} on resume; the saved LR schedule is kept unless you "
+            f"ask to reshape it: kiln train {cfg.trainer.run_dir} --extend-to=NEW_END"
+        )
+    return StartPlan("resume", schedule, total, step=step, tokens_seen=tokens, source=latest,
+                     load_optimizer=True, load_data_position=True, data_state=trainer["data"],
+                     notes=notes)
+
+
+def _plan_init(cfg: Config) -> StartPlan:
+    init = cfg.init
+    source = ckpt.resolve(init.from_)
+    trainer, src_raw = ckpt.read_meta(source)
+    src = config_from_dict(src_raw)
+    check_model_shape(cfg, source)
+    src_step, src_tokens = int(trainer["step"]), int(trainer["tokens_seen"])
+    n = run_numbers(cfg)
+    notes = [f"start: a new run from {source} (step {src_step:,} of its run)",
+             "  weights: loaded"]
+    notes.append("  optimizer: Adam moments and step counts loaded (init.load_optimizer=true)"
+                 if init.load_optimizer else
+                 "  optimizer: fresh, moments zero (init.load_optimizer=false)")
+
+    data_state = None
+    if init.load_data_position:
+        if _data_files(cfg.data.paths) != trainer.get("data_files",
+                                                      _data_files(src.data.paths)):
+            raise KilnError(
+                "init.load_data_position=true continues the source run's data order, but "
+                "data.paths differ from the source's; set init.load_data_position=false to "
+                "start the new data at its beginning"
+            )
+        if cfg.data.seq_len != src.data.seq_len:
+            raise KilnError("init.load_data_position=true needs the source's data.seq_len "
+                            f"({src.data.seq_len}); set init.load_data_position=false")
+        data_state = trainer["data"]
+        notes.append(f"  data: continues the source's order at {data_state['tokens_in_epoch']:,} "
+                     f"tokens into epoch {data_state['epoch']} (init.load_data_position=true)")
+    else:
+        notes.append("  data: starts at the beginning of data.paths "
+                     "(init.load_data_position=false)")
+
+    src_sched = LRSchedule.from_state(trainer["schedule"])
+    peak = cfg.optim.lr
+    final = peak * cfg.schedule.final_lr_fraction
+    if init.load_schedule_position:
+        step, tokens = src_step, src_tokens
+        notes.append(f"  counters: step and tokens continue from {step:,} / {tokens:,} "
+                     "(init.load_schedule_position=true); trainer.max_duration is where the "
+                     "counter ends")
+        base = src_sched
+    else:
+        step, tokens = 0, 0
+        notes.append("  counters: step and tokens start at 0 "
+                     "(init.load_schedule_position=false)")
+        base = src_sched.shifted(-src_step)
+    end = n.total_steps
+    if end <= step:
+        raise KilnError(
+            f"trainer.max_duration ends at step {end:,}, not after the starting step {step:,} "
+            "(init.load_schedule_position=true keeps the source's counter); set a later "
+            "trainer.max_duration or init.load_schedule_position=false"
+        )
+    if cfg.schedule.restart:
+        warm = min(n.warmup_steps, end - step)
+        schedule = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
+        notes.append(f"  schedule: restarted (schedule.restart=true): warmup to {peak:.3g} "
+                     f"over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at step {end:,}")
+    elif (init.load_schedule_position and base.end == end and src.optim.lr == peak
+          and src.schedule == cfg.schedule):
+        schedule = base
+        notes.append("  schedule: the source's schedule continues unchanged")
+    else:
+        schedule = base.relay(step, end=end, peak=peak, final=final, cfg=cfg.schedule)
+        if base.warmup_end > step:
+            carried = (f"the remaining {base.warmup_end - step:,} warmup steps carried over "
+                       f"(warmup ends at step {base.warmup_end:,}), then ")
+        else:
+            carried = ""
+        notes.append(f"  schedule: continues from the source's LR {base.lr(step):.3g}: {carried}"
+                     f"{cfg.schedule.name} to {final:.3g} at step {end:,} "
+                     "(schedule.restart=true for a fresh warmup)")
+    return StartPlan("init", schedule, end, step=step, tokens_seen=tokens, source=source,
+                     load_optimizer=init.load_optimizer,
+                     load_data_position=init.load_data_position, data_state=data_state,
+                     notes=notes)
