@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kiln.errors import KilnError
