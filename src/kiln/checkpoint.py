@@ -214,7 +214,8 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise KilnError(f"cannot read {path / 'model.safetensors'}: {e}; the file is damaged") from e
+        raise KilnError(f"cannot read {path / 'model.safetensors'}: {e}; the file is "
+                        "damaged") from e
 
 
 def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
