@@ -242,13 +242,17 @@ def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],
     """Refuse a checkpoint written by another model shape, naming the first mismatch.
 
     `saved` maps names to tensors or to shapes (see tensor_shapes)."""
+    if tied is None and "lm_head.weight" in model_state and "embed.weight" in model_state:
+        tied = model_state["lm_head.weight"].data_ptr() == model_state["embed.weight"].data_ptr()
     for name, t in model_state.items():
         if name not in saved:
-            if tied is None:
-                tied = "embed.weight" in model_state and (
-                    t.data_ptr() == model_state["embed.weight"].data_ptr())
-            if name == "lm_head.weight" and "embed.weight" in saved and tied:
-                continue  # a tied head is saved once
+            if name == "lm_head.weight" and "embed.weight" in saved:
+                if tied:
+                    continue  # a tied head is saved once
+                raise KilnError(
+                    f"checkpoint {where} has a tied output head (model.tie_embeddings=true) but "
+                    "this model is untied; set model.tie_embeddings=true"
+                )
             raise KilnError(
                 f"checkpoint {where} has no tensor {name!r}: it was written by a different "
                 "model shape; use the model config it was trained with or another run_dir"
@@ -260,6 +264,11 @@ def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],
                 f"{list(shape)} there and {list(t.shape)} here; use the model "
                 "config it was trained with or another run_dir"
             )
+    if tied and "lm_head.weight" in saved and "embed.weight" in saved:
+        raise KilnError(
+            f"checkpoint {where} has a separate output head (model.tie_embeddings=false) but "
+            "this model ties it to the embedding; set model.tie_embeddings=false"
+        )
     extra = [k for k in saved if k not in model_state]
     if extra:
         raise KilnError(
