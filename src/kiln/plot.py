@@ -15,7 +15,7 @@ def plot_schedule(schedule: LRSchedule, path: Path, *, current: int | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    start = first if first is not None else max(min(s.start for s in schedule.segments), 0) + 1
+    start = first if first is not None else min(s.start for s in schedule.segments) + 1
     end = max(schedule.end, start + 1)
     every = max((end - start) // 2000, 1)
     steps = list(range(start, end + 1, every))

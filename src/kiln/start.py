@@ -224,7 +224,9 @@ def _plan_init(cfg: Config) -> StartPlan:
         )
     if cfg.schedule.restart:
         warm = min(n.warmup_steps, end - step)
-        schedule = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
+        fresh = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
+        history = [seg for seg in base.segments if seg.start < step]
+        schedule = LRSchedule(history + fresh.segments, warmup_end=fresh.warmup_end)
         notes.append(f"  schedule: restarted (schedule.restart=true): warmup to {peak:.3g} "
                      f"over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at step {end:,}")
     elif (init.load_schedule_position and base.end == end and src.optim.lr == peak
