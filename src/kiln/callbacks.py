@@ -84,7 +84,7 @@ class ConsoleCallback(Callback):
         where = {"new": "new run", "resume": f"resumed from {trainer.plan.source}",
                  "init": f"new run from {trainer.plan.source}"}[trainer.plan.kind]
         self.console.print(
-            f"[bold]kiln[/bold] {where} | {trainer.model.num_params():,} params | "
+            f"[bold]kiln[/bold] {where} | {trainer.cfg.model.num_params():,} params | "
             f"{trainer.device.type} {trainer.precision} | {n.tokens_per_step:,} tokens/step | "
             f"steps {trainer.step} -> {n.stop_step} of {n.total_steps} | run_dir "
             f"{trainer.run_dir}"

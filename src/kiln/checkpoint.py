@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from kiln.errors import KilnError
 
 STEP_DIR = re.compile(r"^step(\d+)$")
-REQUIRED = ("model.safetensors", "trainer.json", "config.yaml")
+REQUIRED = ("trainer.json", "config.yaml")
+SHARDED = "dcp"  # folder of a sharded checkpoint written by torch.distributed.checkpoint
 
 
 @dataclass
@@ -58,7 +59,12 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+    return (path.is_dir() and all((path / f).is_file() for f in REQUIRED)
+            and ((path / "model.safetensors").is_file() or is_sharded(path)))
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDED / ".metadata").is_file()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -128,23 +134,48 @@ def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
+def temp_dir(run_dir: str | Path, step: int, clean: bool = True) -> Path:
+    """The hidden folder a checkpoint of `step` is written into before its rename (the same
+    name on every rank, so all ranks of a sharded save write into it)."""
+    root = checkpoints_dir(run_dir)
+    if clean:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step*"):  # left by a crash in an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob(".old-step*"):  # a crash mid-swap: delete only if replaced
+            if is_complete(root / old.name[len(".old-"):].rsplit("-", 1)[0]):
+                shutil.rmtree(old, ignore_errors=True)
+    return root / f".tmp-step{step}"
+
+
+def save_sharded_state(state: dict[str, Any], tmp: Path) -> None:
+    """All ranks: write their shards of `state` ({"model": ..., "optim": ...}) into tmp/dcp."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / SHARDED))
+    except Exception as e:  # disk full, permissions: same promise as the unsharded save
+        raise KilnError(f"could not write sharded checkpoint shards in {tmp} ({e}); earlier "
+                        "checkpoints are untouched") from e
+
+
+def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | None,
          trainer: dict[str, Any], config_yaml: str, optim: dict[str, Any] | None = None,
          rng: dict[str, Any] | None = None, tokenizer: Path | None = None,
-         keep_last: int = 0) -> Path:
-    """Write checkpoint step{step} atomically, point `latest` at it, apply retention."""
+         keep_last: int = 0, tmp: Path | None = None) -> Path:
+    """Write checkpoint step{step} atomically, point `latest` at it, apply retention.
+
+    For a sharded checkpoint, pass model=None and the `tmp` folder the ranks already wrote
+    their shards into (see temp_dir / save_sharded_state); only rank 0 calls this."""
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step*"):  # left by a crash in an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in root.glob(".old-step*"):  # a crash mid-swap: delete only if replaced
-        if is_complete(root / old.name[len(".old-"):].rsplit("-", 1)[0]):
-            shutil.rmtree(old, ignore_errors=True)
     final = root / f"step{step}"
-    tmp = root / f".tmp-step{step}-{os.getpid()}"
-    try:
+    if tmp is None:
+        tmp = temp_dir(run_dir, step)
         tmp.mkdir()
-        save_file(dedupe_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        if model is not None:
+            save_file(dedupe_tied(model), str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
         if optim is not None:
             torch.save(optim, tmp / "optim.pt")
         if rng is not None:
@@ -153,16 +184,17 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor],
         (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        for f in tmp.iterdir():
-            _fsync_file(f)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
         _fsync_dir(tmp)
         old = None
         if final.exists():  # a step{N} written before a rewind: swap, then delete it
-            old = root / f".old-step{step}-{os.getpid()}"
+            old = root / f".old-step{step}-0"
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
-        pointer_tmp = root / f".latest-{os.getpid()}"
+        pointer_tmp = root / ".latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
         _fsync_file(pointer_tmp)
         os.replace(pointer_tmp, root / "latest")
@@ -209,7 +241,17 @@ def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the stored weights, read from the safetensors header only."""
+    """Names and shapes of the stored weights, read from file headers only."""
+    if is_sharded(path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+        shapes = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
+                  if k.startswith("model.") and hasattr(v, "size")}
+        _, config = read_meta(path)
+        if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
+            shapes.pop("lm_head.weight", None)
+        return shapes
     try:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -286,3 +328,113 @@ def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], whe
             if src is None:  # tied head
                 continue
             t.copy_(src.to(t.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Model + optimizer state at any world size (plain, DDP or FSDP2-sharded modules)
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Full (unsharded) model and optimizer state on CPU; with FSDP, on rank 0 only (all ranks
+    must call). Optimizer state is keyed by parameter name, so it loads into any layout."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> dict[str, Any]:
+    """This rank's shards, in the layout torch.distributed.checkpoint saves and loads."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+              tied: bool) -> None:
+    """Load a checkpoint's weights (and optimizer state if `optimizer`) into `model`, whatever
+    the checkpoint's format (unsharded or sharded) and the model's (plain or sharded, any
+    world size): torch.distributed.checkpoint reshards as needed."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if is_sharded(path):
+        import torch.distributed.checkpoint as dcp
+
+        state = sharded_state(model, optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(path / SHARDED))
+        except Exception as e:
+            raise KilnError(f"cannot read sharded checkpoint {path}: {e}") from e
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        return
+    c = load(path, with_optim=optimizer is not None)
+    msd = dict(c.model)
+    if tied and "lm_head.weight" not in msd and "embed.weight" in msd:
+        msd["lm_head.weight"] = msd["embed.weight"]
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, msd, options=opts)
+        return
+    if c.optim is None:
+        raise KilnError(f"{path} holds no optimizer state; set init.load_optimizer=false")
+    try:
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=c.optim,
+                       options=opts)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise KilnError(f"optimizer state in {path} does not fit this model: {e}") from e
+
+
+def unshard(src: str | Path, out: str | Path) -> Path:
+    """Turn a sharded checkpoint into the unsharded format (a complete checkpoint folder)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src = resolve(src)
+    out = Path(out)
+    if not is_sharded(src):
+        raise KilnError(f"{src} is not a sharded checkpoint (no {SHARDED}/.metadata)")
+    if out.exists():
+        raise KilnError(f"{out} exists; choose a new output folder")
+    trainer, _ = read_meta(src)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        flat = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(src / SHARDED), str(flat))
+        state = torch.load(flat, map_location="cpu", weights_only=True)
+    staging = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(dedupe_tied(state["model"]), str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if "optim" in state:
+            torch.save(state["optim"], staging / "optim.pt")
+        for name in ("trainer.json", "config.yaml", "rng.pt", "tokenizer.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, staging / name)
+        for f in staging.iterdir():
+            _fsync_file(f)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -32,10 +32,23 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
         return dry_run(cfg, extend_to, args.extend_shape)
+    from kiln.parallel import dist_info_from_env, shutdown
     from kiln.trainer import Trainer
 
-    Trainer(cfg, resume=not args.no_resume, extend_to=extend_to,
-            extend_shape=args.extend_shape).fit()
+    try:
+        trainer = Trainer(cfg, resume=not args.no_resume, extend_to=extend_to,
+                          extend_shape=args.extend_shape)
+        trainer.fit()
+    finally:
+        shutdown(dist_info_from_env())
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace, _: list[str]) -> int:
+    from kiln import checkpoint as ckpt
+
+    out = ckpt.unshard(args.src, args.out)
+    print(f"wrote unsharded checkpoint {out}")
     return 0
 
 
@@ -222,6 +235,16 @@ def cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kiln launch
+
+
+def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from kiln.launch import run_launch
+
+    return run_launch(args, overrides)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,9 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=32, help="token ids to show")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    q = csub.add_parser("unshard", help="turn a sharded checkpoint into the unsharded format")
+    q.add_argument("src", help="sharded checkpoint folder (or a run directory: its latest)")
+    q.add_argument("out", help="new folder for the unsharded checkpoint")
+    q.set_defaults(func=cmd_checkpoint)
+
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("launch", help="write or submit a multi-node job script (Slurm)")
+    from kiln.launch import add_launch_arguments
+
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_launch, overrides=True)
     return parser
 
 

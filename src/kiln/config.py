@@ -242,6 +242,28 @@ class CheckpointConfig:
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted (never the only complete one)."""
     save_final: bool = True
+    sharded: bool | Literal["auto"] = "auto"
+    """auto: sharded (torch.distributed.checkpoint, all ranks write) with fsdp/hsdp, else one
+    unsharded file set written by rank 0. Either kind loads at any world size."""
+
+
+@dataclass
+class ParallelConfig:
+    """Scaling out under torchrun (see docs/scaling.md)."""
+
+    dp: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
+    """Data parallelism; auto: ddp when launched with more than one process, else none."""
+    shard_size: int | None = None
+    """HSDP: ranks per shard group (default: processes per node)."""
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """FSDP parameter dtype for compute; auto: bf16 when trainer precision is bf16."""
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    ac_every: int = 2
+    """every_n: checkpoint every n-th block."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    timeout_minutes: float = 10.0
+    """Collective timeout: a dead or stuck peer fails the job after this long."""
 
 
 @dataclass
@@ -261,6 +283,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _with_yaml_keys(dataclasses.asdict(self))

@@ -191,6 +191,27 @@ class Block(nn.Module):
 # The model
 
 
+def _trunc_normal(weight: Tensor, std: float) -> None:
+    """Truncated normal init. A sharded (DTensor) weight is drawn whole on the CPU, one tensor
+    at a time, and each rank keeps its shard: a sharded model gets exactly the weights a
+    single-process run with the same seed gets, and never holds more than one full tensor."""
+    if hasattr(weight, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = torch.empty(weight.shape, dtype=weight.dtype)
+        nn.init.trunc_normal_(full, 0.0, std, -3 * std, 3 * std)
+        shard = distribute_tensor(full.to(weight.device_mesh.device_type), weight.device_mesh,
+                                  weight.placements)
+        weight.copy_(shard)
+        return
+    if weight.device.type != "cpu":  # same numbers on every device: draw on the CPU
+        full = torch.empty(weight.shape, dtype=weight.dtype)
+        nn.init.trunc_normal_(full, 0.0, std, -3 * std, 3 * std)
+        weight.copy_(full)
+        return
+    nn.init.trunc_normal_(weight, 0.0, std, -3 * std, 3 * std)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -226,13 +247,13 @@ class Transformer(nn.Module):
         self._rope_cache = None
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.trunc_normal_(self.embed.weight, 0.0, std, -3 * std, 3 * std)
+        _trunc_normal(self.embed.weight, std)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 if m.weight is self.embed.weight:
                     continue  # tied head: already initialised as the embedding
                 s = out_std if name.endswith(("o_proj", "down_proj")) else std
-                nn.init.trunc_normal_(m.weight, 0.0, s, -3 * s, 3 * s)
+                _trunc_normal(m.weight, s)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, Norm):

@@ -19,7 +19,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from kiln import checkpoint as ckpt
@@ -30,6 +32,15 @@ from kiln.data.tokens import TokenFile, check_vocab, open_token_files
 from kiln.errors import KilnError
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
+from kiln.parallel import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    parallelize,
+    resolve_dp,
+    unwrap,
+)
 from kiln.schedule import LRSchedule
 from kiln.start import StartPlan, plan_start
 
@@ -95,6 +106,9 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
+        self.dist: DistInfo = init_distributed(cfg, self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if use_bf16 else nullcontext())
@@ -104,7 +118,7 @@ class Trainer:
         self.train_data, self.val_data, files = build_datasets(cfg)
         self.train_files = files
         self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape)
-        n = run_numbers(cfg)
+        n = run_numbers(cfg, self.dist.world_size)
         stop = self.plan.total_steps
         if t.hard_stop is not None:
             stop = min(stop, t.hard_stop.to_steps(n.tokens_per_step))
@@ -113,12 +127,29 @@ class Trainer:
         entropies = [f.meta.get("unigram_entropy") for f in files]
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
         self.loader = BatchLoader(self.train_data, t.global_batch_size, cfg.data.seed,
+                                  rank=self.dist.rank, world_size=self.dist.world_size,
                                   prefetch=cfg.data.prefetch)
 
-        # Model and optimizer
+        # Model: built on the meta device and initialised in place (after sharding, for the
+        # sharded modes), so a large model never materialises whole on one rank. The init
+        # draws one tensor at a time from the CPU RNG, so every mode and world size starts
+        # from exactly the same weights for the same trainer.seed.
+        self.dp = resolve_dp(cfg.parallel, self.dist)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
         torch.manual_seed(t.seed)
-        self.model = Transformer(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if self.dp in ("fsdp", "hsdp"):
+            self.model, _ = parallelize(model, cfg, self.dist, self.device, self.precision)
+            self.model.to_empty(device=self.device)
+            self.model.init_weights()
+        else:
+            model.to_empty(device=self.device)
+            model.init_weights()
+            self.model, _ = parallelize(model, cfg, self.dist, self.device, self.precision)
+        self.module: Transformer = unwrap(self.model)
+        self.sharded_checkpoints = (self.dp in ("fsdp", "hsdp") if cfg.checkpoint.sharded ==
+                                    "auto" else bool(cfg.checkpoint.sharded))
+        self.optimizer = build_optimizer(self.module, cfg.optim)
         self.schedule: LRSchedule = self.plan.schedule
         self.step = self.plan.step
         self.tokens_seen = self.plan.tokens_seen
@@ -127,14 +158,17 @@ class Trainer:
         if self.plan.source is not None:
             self._load_source(self.plan)
         self.stop_requested: str | None = None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-        self.callbacks: list[Callback] = [MetricsFileCallback(self.run_dir / "metrics.jsonl",
-                                                              truncate_after=self.step)]
-        if cfg.log.console:
-            self.callbacks.append(ConsoleCallback())
-        self.callbacks.extend(callbacks or [])
+        self._fault = _fault_injection(self.dist.rank)
+        # rank hygiene: only rank 0 writes files and talks to the console
+        self.callbacks: list[Callback] = []
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
+                                                      truncate_after=self.step))
+            if cfg.log.console:
+                self.callbacks.append(ConsoleCallback())
+            self.callbacks.extend(callbacks or [])
 
     # -- state -------------------------------------------------------------------------------
 
@@ -150,38 +184,48 @@ class Trainer:
         }
 
     def _load_source(self, plan: StartPlan) -> None:
-        """Load what the plan carries over from its source checkpoint."""
-        c = ckpt.load(plan.source, with_optim=plan.load_optimizer)
-        ckpt.load_model_state(self.model, c.model, plan.source)
+        """Load what the plan carries over from its source checkpoint (either format, any
+        world size)."""
+        ckpt.load_into(plan.source, self.module,
+                       self.optimizer if plan.load_optimizer else None,
+                       tied=self.cfg.model.tie_embeddings)
         if plan.load_optimizer:
-            if c.optim is None:
-                raise KilnError(f"{plan.source} holds no optimizer state; set "
-                                "init.load_optimizer=false")
-            try:
-                self.optimizer.load_state_dict(c.optim)
-            except (ValueError, KeyError) as e:
-                raise KilnError(f"optimizer state in {plan.source} does not fit this model: "
-                                f"{e}") from e
             apply_hyperparameters(self.optimizer, self.cfg.optim)
         if plan.load_data_position and plan.data_state is not None:
             self.loader.load_state_dict(plan.data_state)
         if plan.kind == "resume":
-            if c.rng is not None:
-                torch.set_rng_state(c.rng["cpu"])
-                if torch.cuda.is_available() and "cuda" in c.rng:
-                    torch.cuda.set_rng_state(c.rng["cuda"])
+            rng_file = plan.source / "rng.pt"
+            if rng_file.is_file():
+                rng = torch.load(rng_file, weights_only=True)
+                torch.set_rng_state(rng["cpu"])
+                if self.device.type == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"])
             self.resumed_from = plan.source
 
     def save_checkpoint(self) -> Path:
+        """Every rank calls this. Unsharded: gathered to rank 0, which writes. Sharded: every
+        rank writes its shards in parallel, rank 0 adds the small files and renames."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        return ckpt.save(
-            self.run_dir, self.step, model=self.model.state_dict(),
-            optim=self.optimizer.state_dict(), rng=rng, trainer=self.trainer_state(),
-            config_yaml=self.cfg.to_yaml(), tokenizer=self.tokenizer_path,
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
+        common = dict(trainer=self.trainer_state(), config_yaml=self.cfg.to_yaml(), rng=rng,
+                      tokenizer=self.tokenizer_path, keep_last=self.cfg.checkpoint.keep_last)
+        final = ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
+        if self.sharded_checkpoints:
+            tmp = ckpt.temp_dir(self.run_dir, self.step, clean=self.dist.is_main)
+            if self.dist.is_main:
+                tmp.mkdir()
+            barrier(self.dist)
+            ckpt.save_sharded_state(ckpt.sharded_state(self.module, self.optimizer), tmp)
+            barrier(self.dist)
+            if self.dist.is_main:
+                ckpt.save(self.run_dir, self.step, model=None, tmp=tmp, **common)
+        else:
+            msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
+            if self.dist.is_main:
+                ckpt.save(self.run_dir, self.step, model=msd, optim=osd, **common)
+        barrier(self.dist)
+        return final
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -208,19 +252,37 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i in range(n_micro):
             mb = batch[i * micro : (i + 1) * micro]
-            with self.autocast:
-                logits = self.model(mb[:, :-1])
-            loss, ce = self.loss_fn(logits, mb[:, 1:])
-            (loss / n_micro).backward()
+            with self._grad_sync(i == n_micro - 1):
+                with self.autocast:
+                    logits = self.model(mb[:, :-1])
+                loss, ce = self.loss_fn(logits, mb[:, 1:])
+                (loss / n_micro).backward()
             loss_sum += ce.detach()
         clip = self.cfg.optim.grad_clip
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # sharded grads: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / n_micro, grad_norm
+
+    @contextmanager
+    def _grad_sync(self, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+        if sync or not self.dist.enabled:
+            yield
+        elif self.dp == "ddp":
+            with self.model.no_sync():
+                yield
+        elif self.dp in ("fsdp", "hsdp"):
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -229,15 +291,26 @@ class Trainer:
         self.model.eval()
         micro = self.cfg.trainer.micro_batch_size
         idx = eval_indices(self.val_data, self.cfg.trainer.eval_batches * micro)
-        total, count = 0.0, 0
-        for i in range(0, len(idx), micro):
-            mb = self.val_data.batch(idx[i : i + micro]).to(self.device)
+        # each rank evaluates its share of the windows (every rank runs the same number of
+        # forward passes, which FSDP needs); the sums are combined across ranks
+        world, rank = self.dist.world_size, self.dist.rank
+        per_rank = math.ceil(len(idx) / world)
+        mine = idx[rank * per_rank : (rank + 1) * per_rank]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(0, per_rank, micro):
+            chunk = mine[i : i + micro]
+            real = len(chunk)
+            if real < micro:  # pad with window 0 so every rank does the same work
+                chunk = np.concatenate([chunk, np.zeros(micro - real, dtype=np.int64)])
+            mb = self.val_data.batch(chunk).to(self.device)
             with self.autocast:
                 logits = self.model(mb[:, :-1])
-            _, ce = self.loss_fn(logits, mb[:, 1:])
-            total += ce.item() * mb.size(0)
-            count += mb.size(0)
-        loss = total / count
+            ce = F.cross_entropy(logits.float().transpose(1, 2), mb[:, 1:], reduction="none")
+            sums[0] += ce[:real].mean(dim=1).sum().double()
+            sums[1] += real
+        if self.dist.enabled:
+            dist.all_reduce(sums)
+        loss = (sums[0] / sums[1]).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -273,6 +346,17 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _should_stop(self) -> bool:
+        """A preemption signal on any rank stops all ranks after the same step."""
+        flag = self.stop_requested is not None
+        if self.dist.enabled:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() > 0 and self.stop_requested is None:
+                self.stop_requested = "a peer's signal"
+            return bool(t.item() > 0)
+        return flag
+
     def fit(self) -> dict:
         with self._preemption_signals():
             return self._fit()
@@ -287,6 +371,9 @@ class Trainer:
         try:
             while self.step < stop:
                 batch = self.loader.next_batch()
+                if self._fault == self.step + 1:
+                    raise RuntimeError(f"injected fault on rank {self.dist.rank} at step "
+                                       f"{self.step + 1} (KILN_FAULT_INJECT)")
                 loss, grad_norm = self.train_step(batch)
                 self.step += 1
                 self.tokens_seen += n.tokens_per_step
@@ -295,7 +382,7 @@ class Trainer:
                     now = time.perf_counter()
                     dt = max(now - t_log, 1e-9)
                     tps = (self.tokens_seen - tokens_at_log) / dt
-                    loss_v = loss.item()
+                    loss_v = all_reduce_mean(loss, self.dist).item()
                     if not math.isfinite(loss_v):
                         raise KilnError(
                             f"loss became {loss_v} at step {self.step}; the last checkpoint is "
@@ -318,13 +405,13 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step != stop:
                     self._emit("on_checkpoint", self.save_checkpoint())
-                if self.stop_requested is not None:
+                if self._should_stop():
                     break
         finally:
             self.loader.close()
         if self.stop_requested is not None:
-            path = ckpt.latest_checkpoint(self.run_dir)
-            if path is None or path.name != f"step{self.step}":
+            path = ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
+            if not ckpt.is_complete(path):
                 path = self.save_checkpoint()
             result = {**last, "preempted": self.stop_requested, "checkpoint": str(path)}
             self._emit("on_preempt", result)
@@ -345,3 +432,13 @@ class Trainer:
         metrics = self.evaluate()
         if metrics is not None:
             self._emit("on_eval", {"step": self.step, "tokens": self.tokens_seen, **metrics})
+
+
+def _fault_injection(rank: int) -> int | None:
+    """KILN_FAULT_INJECT="RANK:STEP" makes that rank raise before that step: a drill for
+    checking that a failing rank takes the whole job down (see docs/scaling.md)."""
+    spec = os.environ.get("KILN_FAULT_INJECT")
+    if not spec:
+        return None
+    r, _, step = spec.partition(":")
+    return int(step) if int(r) == rank else None

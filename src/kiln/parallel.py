@@ -1,0 +1,153 @@
+"""Scaling out, applied from outside the model: process groups, meshes, DDP / FSDP2 / HSDP,
+activation checkpointing and torch.compile.
+
+``parallelize(model, ...)`` takes a plain :class:`kiln.model.Transformer` (possibly on the meta
+device) and returns the module to train; the model code never knows it is distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.config import Config, ParallelConfig
+from kiln.errors import KilnError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info_from_env() -> DistInfo:
+    """Rank and world size as torchrun sets them (WORLD_SIZE, RANK, LOCAL_RANK, ...)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return DistInfo(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+                    int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
+    """Join the process group torchrun prepared (NCCL on CUDA, gloo on CPU)."""
+    info = dist_info_from_env()
+    if not info.enabled:
+        return info
+    if cfg.parallel.dp == "none":
+        raise KilnError(f"{info.world_size} processes were launched but parallel.dp=none; set "
+                        "parallel.dp to ddp, fsdp or hsdp (or auto)")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
+    return info
+
+
+def resolve_dp(pcfg: ParallelConfig, info: DistInfo) -> str:
+    if pcfg.dp == "auto":
+        return "ddp" if info.enabled else "none"
+    return pcfg.dp
+
+
+def build_mesh(dp: str, pcfg: ParallelConfig, info: DistInfo, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dp == "hsdp":
+        shard = pcfg.shard_size or info.local_world_size
+        if info.world_size % shard:
+            raise KilnError(f"parallel.shard_size={shard} does not divide the world size "
+                            f"{info.world_size}")
+        return init_device_mesh(device.type, (info.world_size // shard, shard),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("shard",))
+
+
+def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> None:
+    """Recompute each (or every n-th) block's activations in the backward pass."""
+    if pcfg.activation_checkpointing == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    every = 1 if pcfg.activation_checkpointing == "full" else max(pcfg.ac_every, 1)
+    for i, block in enumerate(model.blocks):
+        if i % every == 0:
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block on its own: small graphs, one compilation reused by every layer."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None,
+               reduce_dtype: torch.dtype) -> None:
+    """FSDP2: shard each block, then the rest (embedding, final norm, head) at the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.device,
+                precision: str) -> tuple[nn.Module, str]:
+    """Apply AC, compile and data parallelism. Returns (module to train, dp mode used)."""
+    pcfg = cfg.parallel
+    dp = resolve_dp(pcfg, info)
+    apply_activation_checkpointing(model, pcfg)
+    if pcfg.compile:
+        apply_compile(model)
+    if dp in ("fsdp", "hsdp"):
+        mesh = build_mesh(dp, pcfg, info, device)
+        bf16 = precision == "bf16" and pcfg.param_dtype != "fp32"
+        apply_fsdp(model, mesh, torch.bfloat16 if bf16 else None, torch.float32)
+        return model, dp
+    if dp == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids), dp
+    return model, dp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain Transformer inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return getattr(model, "module", model)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

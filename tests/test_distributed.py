@@ -1,0 +1,147 @@
+"""Distributed training on CPU: real torchrun, real gloo process groups, 2 processes.
+
+DDP and FSDP2 with the same global batch reproduce a single-process run; checkpoints move
+between world sizes in both directions; unsharding is exact; a failing rank fails the job.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kiln import checkpoint as ckpt
+from test_train import losses, tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(config: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "kiln", "train", str(config), *overrides]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def single(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln", "train", str(config), *overrides],
+                          capture_output=True, text=True, timeout=300)
+
+
+def cfg_for(tokens: Path, run_dir: Path, **kw) -> dict:
+    kw = {"trainer__max_duration": 20, "checkpoint__interval": 10, "checkpoint__keep_last": 5,
+          **kw}
+    cfg = tiny_cfg(tokens, run_dir, **kw)
+    cfg["log"]["console"] = True
+    return cfg
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def reference(pydoc_tokens, tmp_path_factory) -> Path:
+    """The uninterrupted single-process run everything is compared with."""
+    root = tmp_path_factory.mktemp("ref")
+    out = single(write(cfg_for(pydoc_tokens, root / "run"), root / "c.yaml"))
+    assert out.returncode == 0, out.stderr
+    return root / "run"
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(pydoc_tokens, reference, tmp_path, dp):
+    config = write(cfg_for(pydoc_tokens, tmp_path / "run", parallel__dp=dp), tmp_path / "c.yaml")
+    out = torchrun(config)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(losses(tmp_path / "run"), losses(reference))
+    # rank hygiene: one console, one metrics file with one line per step
+    assert out.stdout.count("step     20/20") == 1
+    assert len(losses(tmp_path / "run")) == 20
+    expected = "dcp" if dp == "fsdp" else "model.safetensors"
+    assert (tmp_path / "run" / "checkpoints" / "step20" / expected).exists()
+
+
+def test_sharded_save_on_two_ranks_resumes_on_one(pydoc_tokens, reference, tmp_path):
+    run = tmp_path / "run"
+    config = write(cfg_for(pydoc_tokens, run, parallel__dp="fsdp"), tmp_path / "c.yaml")
+    out = torchrun(config, "--trainer.hard_stop=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ckpt.is_sharded(ckpt.latest_checkpoint(run))
+    out = single(config, "--parallel.dp=none")  # world size 1, same run, resumes at step 10
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
+    assert_close(losses(run), losses(reference))
+
+
+def test_save_on_one_rank_resumes_sharded_on_two(pydoc_tokens, reference, tmp_path):
+    run = tmp_path / "run"
+    config = write(cfg_for(pydoc_tokens, run, checkpoint__sharded=True), tmp_path / "c.yaml")
+    out = single(config, "--trainer.hard_stop=10")
+    assert out.returncode == 0, out.stderr
+    assert ckpt.is_sharded(ckpt.latest_checkpoint(run))
+    out = torchrun(config, "--parallel.dp=fsdp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(losses(run), losses(reference))
+
+
+def test_unsharded_checkpoint_loads_into_fsdp_without_a_separate_step(pydoc_tokens, reference,
+                                                                       tmp_path):
+    run = tmp_path / "run"
+    config = write(cfg_for(pydoc_tokens, run), tmp_path / "c.yaml")
+    assert single(config, "--trainer.hard_stop=10").returncode == 0
+    out = torchrun(config, "--parallel.dp=fsdp", "--checkpoint.sharded=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(losses(run), losses(reference))
+
+
+def test_unshard_round_trip_is_exact(pydoc_tokens, tmp_path):
+    run = tmp_path / "run"
+    config = write(cfg_for(pydoc_tokens, run, parallel__dp="fsdp", trainer__max_duration=10),
+                   tmp_path / "c.yaml")
+    assert torchrun(config).returncode == 0
+    sharded = ckpt.latest_checkpoint(run)
+    out = subprocess.run([sys.executable, "-m", "kiln", "checkpoint", "unshard", str(sharded),
+                          str(tmp_path / "flat")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    flat = load_file(str(tmp_path / "flat" / "model.safetensors"))
+    # the sharded weights, read back through torch.distributed.checkpoint
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(sharded / "dcp"), str(tmp_path / "ref.pt"))
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)["model"]
+    for name, t in flat.items():
+        assert torch.equal(t, ref[name]), name
+    assert ckpt.is_complete(tmp_path / "flat") and not ckpt.is_sharded(tmp_path / "flat")
+    # and the unsharded copy resumes like any kiln checkpoint
+    moved = tmp_path / "moved" / "checkpoints"
+    moved.mkdir(parents=True)
+    (tmp_path / "flat").rename(moved / sharded.name)
+    c = ckpt.load(tmp_path / "moved")
+    assert c.step == 10 and c.optim is not None
+
+
+def test_a_failing_rank_fails_the_whole_job(pydoc_tokens, tmp_path):
+    config = write(cfg_for(pydoc_tokens, tmp_path / "run", parallel__dp="ddp",
+                           parallel__timeout_minutes=1.0, trainer__max_duration=200),
+                   tmp_path / "c.yaml")
+    start = time.time()
+    out = torchrun(config, env={"KILN_FAULT_INJECT": "1:5"}, timeout=240)
+    assert out.returncode != 0
+    assert time.time() - start < 120
+    assert "injected fault on rank 1 at step 5" in out.stderr
