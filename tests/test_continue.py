@@ -14,19 +14,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_cli import assert_one_line_error, kiln, snapshot
+from test_train import final_weights, losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback
 from kiln.config import config_from_dict
 from kiln.trainer import Trainer
-from test_cli import assert_one_line_error, kiln, snapshot
-from test_train import final_weights, losses, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def two_corpora(tmp_path_factory) -> tuple[Path, Path]:
     """Two different real corpora with one tokenizer: halves of Python's documentation."""
     from conftest import pydoc_documents
+
     from kiln.data.prepare import prepare
 
     docs = pydoc_documents()

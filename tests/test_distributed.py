@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train import losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
-from test_train import losses, tiny_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +64,17 @@ def reference(pydoc_tokens, tmp_path_factory) -> Path:
     return root / "run"
 
 
-@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dp", ["ddp", "fsdp", "hsdp"])
 def test_two_ranks_match_one_process(pydoc_tokens, reference, tmp_path, dp):
     config = write(cfg_for(pydoc_tokens, tmp_path / "run", parallel__dp=dp), tmp_path / "c.yaml")
-    out = torchrun(config)
+    # hsdp on 2 ranks: 2 replicas of 1 shard each (a 2-D replicate x shard mesh)
+    out = torchrun(config, *(["--parallel.shard_size=1"] if dp == "hsdp" else []))
     assert out.returncode == 0, out.stderr[-3000:]
     assert_close(losses(tmp_path / "run"), losses(reference))
     # rank hygiene: one console, one metrics file with one line per step
     assert out.stdout.count("step     20/20") == 1
     assert len(losses(tmp_path / "run")) == 20
-    expected = "dcp" if dp == "fsdp" else "model.safetensors"
+    expected = "model.safetensors" if dp == "ddp" else "dcp"
     assert (tmp_path / "run" / "checkpoints" / "step20" / expected).exists()
 
 

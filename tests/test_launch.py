@@ -265,3 +265,22 @@ def test_function_validates_its_inputs(tmp_path, monkeypatch):
 ])
 def test_slurm_time_limits(value, seconds):
     assert time_limit_seconds(value) == seconds
+
+
+def test_the_sample_in_the_scaling_guide_is_what_kiln_writes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "olmo-1b-web.yaml").write_text(yaml.safe_dump({
+        "model": {"preset": "olmo-1b"},
+        "data": {"paths": ["data/web/tokens.bin"], "seq_len": 4096},
+        "trainer": {"run_dir": "runs/olmo-1b-web", "global_batch_size": 512,
+                    "micro_batch_size": 4},
+        "parallel": {"dp": "fsdp"},
+    }))
+    script = slurm_script("configs/olmo-1b-web.yaml", nodes=2, gpus_per_node=8,
+                          overrides=[MAX_DURATION], job_name=None, time="24:00:00",
+                          partition="gpu", account="myproj", cpus_per_task=64,
+                          workdir="/scratch/me/kiln")
+    guide = (Path(__file__).parent.parent / "docs" / "scaling.md").read_text()
+    sample = guide.split("```bash\n#!/bin/bash\n", 1)[1].split("```", 1)[0]
+    assert "#!/bin/bash\n" + sample == script

@@ -133,3 +133,26 @@ def test_every_schedule_trains(pydoc_tokens, tmp_path, schedule):
     last = train(tiny_cfg(pydoc_tokens, run, schedule__name=schedule, trainer__max_duration=6,
                           checkpoint__interval=0))
     assert last["step"] == 6 and last["loss"] > 0
+
+
+def test_activation_checkpointing_changes_memory_not_results(pydoc_tokens, tmp_path):
+    plain = train(tiny_cfg(pydoc_tokens, tmp_path / "a", trainer__max_duration=5))
+    for mode in ("full", "every_n"):
+        ac = train(tiny_cfg(pydoc_tokens, tmp_path / mode, trainer__max_duration=5,
+                            parallel__activation_checkpointing=mode))
+        assert losses(tmp_path / mode) == losses(tmp_path / "a"), mode
+        assert ac["grad_norm"] == plain["grad_norm"]
+    # the checkpoint keeps the plain parameter names whatever wrapping was applied
+    names = set(final_weights(tmp_path / "full"))
+    assert names == set(final_weights(tmp_path / "a"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(pydoc_tokens, tmp_path):
+    train(tiny_cfg(pydoc_tokens, tmp_path / "eager", trainer__max_duration=4))
+    train(tiny_cfg(pydoc_tokens, tmp_path / "compiled", trainer__max_duration=4,
+                   parallel__compile=True))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-5)
+    assert set(final_weights(tmp_path / "compiled")) == set(final_weights(tmp_path / "eager"))

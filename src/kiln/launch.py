@@ -205,7 +205,8 @@ def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides:
         "# torchrun passes SIGUSR1 on to the kiln ranks (torch >= 2.9; an older torchrun exits",
         "# on it and the job resumes from the previous periodic checkpoint instead) ...",
         "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "# ... and gives them the whole warning to save before it kills them (default 30 s).",
+        "# ... and gives them the whole warning to save before it kills them (default 30 s;",
+        "# torch versions without this setting keep the 30 s).",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={WARN_SECONDS}",
     ]
     if cpus_per_task is not None:
@@ -347,10 +348,15 @@ def _torchrun_note() -> str | None:
         from torch.distributed.launcher.api import LaunchConfig
     except Exception:  # torch without distributed support: nothing to say here
         return None
-    if "signals_to_handle" in getattr(LaunchConfig, "__dataclass_fields__", {}):
-        return None
     import torch
 
-    return (f"the torchrun of torch {torch.__version__} does not forward SIGUSR1, so the time-"
-            "limit warning stops the job without a final checkpoint (it resumes from the last "
-            "periodic one); torch >= 2.9 saves one")
+    fields = getattr(LaunchConfig, "__dataclass_fields__", {})
+    if "signals_to_handle" not in fields:
+        return (f"the torchrun of torch {torch.__version__} does not forward SIGUSR1, so the "
+                "time-limit warning stops the job without a final checkpoint (it resumes from "
+                "the last periodic one); torch >= 2.9 saves one")
+    if "shutdown_timeout" not in fields:
+        return (f"the torchrun of torch {torch.__version__} gives the ranks 30 s (not "
+                f"{WARN_SECONDS} s) to save after the time-limit warning; a newer torch waits "
+                "longer")
+    return None
