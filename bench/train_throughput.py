@@ -99,14 +99,14 @@ def time_loop(step, steps: int, warmup: int, device) -> float:
     return time.perf_counter() - t0
 
 
-def run_bare(device, dtype_ctx, steps, warmup):
-    model = BareModel().to(device)
+def adamw_loop(model: nn.Module, forward, device, dtype_ctx, steps, warmup) -> float:
+    """The plain training step both baselines share: forward, CE, backward, clip, AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = make_tokens(device)
 
     def step():
         with dtype_ctx():
-            logits = model(batch[:, :-1])
+            logits = forward(batch[:, :-1])
         loss = F.cross_entropy(logits.float().view(-1, VOCAB), batch[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -114,6 +114,11 @@ def run_bare(device, dtype_ctx, steps, warmup):
         opt.zero_grad(set_to_none=True)
 
     return time_loop(step, steps, warmup, device)
+
+
+def run_bare(device, dtype_ctx, steps, warmup):
+    model = BareModel().to(device)
+    return adamw_loop(model, model, device, dtype_ctx, steps, warmup)
 
 
 def run_hf(device, dtype_ctx, steps, warmup):
@@ -124,19 +129,8 @@ def run_hf(device, dtype_ctx, steps, warmup):
                       num_key_value_heads=HEADS, max_position_embeddings=SEQ,
                       tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = make_tokens(device)
-
-    def step():
-        with dtype_ctx():
-            logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return time_loop(step, steps, warmup, device)
+    return adamw_loop(model, lambda x: model(input_ids=x).logits, device, dtype_ctx, steps,
+                      warmup)
 
 
 def run_kiln(device, dtype_ctx, steps, warmup, bf16: bool):

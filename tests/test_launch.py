@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import assert_one_line_error
 
 from kiln.errors import KilnError
 from kiln.launch import slurm_script, time_limit_seconds
@@ -27,16 +28,6 @@ OVERRIDES = [MAX_DURATION, "--optim.lr=1e-3", "--trainer.run_dir=runs/it's here"
 def kiln(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
-
-
-def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("kiln: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def write_config(path: Path, tokens: Path | str = "data/tokens.bin", run_dir="runs/big",

@@ -9,26 +9,15 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 
-
-def _config_path(arg: str) -> str:
-    """A CONFIG argument may be a YAML file or a run directory (its config.yaml)."""
-    p = Path(arg)
-    if p.is_dir():
-        if (p / "config.yaml").is_file():
-            return str(p / "config.yaml")
-        raise KilnError(f"{arg!r} is a directory without config.yaml; pass a config file")
-    return arg
-
-
 # --------------------------------------------------------------------------------------------
 # kiln train
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from kiln.config import load_config
+    from kiln.config import config_file_for, load_config
     from kiln.start import parse_extend_to
 
-    cfg = load_config(_config_path(args.config), overrides)
+    cfg = load_config(config_file_for(args.config), overrides)
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
         return dry_run(cfg, extend_to, args.extend_shape)
@@ -85,7 +74,7 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
 
 def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     from kiln import checkpoint as ckpt
-    from kiln.config import load_config
+    from kiln.config import config_file_for, load_config
     from kiln.plot import plot_schedule
     from kiln.schedule import LRSchedule
     from kiln.start import parse_extend_to, plan_start
@@ -98,7 +87,7 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
         schedule, current = LRSchedule.from_state(trainer["schedule"]), int(trainer["step"])
         out_default, notes = target / "lr.png", []
     else:
-        cfg = load_config(_config_path(args.target), overrides)
+        cfg = load_config(config_file_for(args.target), overrides)
         plan = plan_start(cfg, extend_to, args.extend_shape)
         schedule, notes = plan.schedule, plan.notes
         current = plan.step if plan.kind != "new" else None

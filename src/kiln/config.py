@@ -399,7 +399,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, bool):
             raise _Mismatch
-        if isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value)):
+        if isinstance(value, (int, float)) or (isinstance(value, str) and is_number(value)):
             return Duration(float(value), "steps")
         if isinstance(value, dict):
             return _build(Duration, value, where)
@@ -419,7 +419,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and _is_number(value) and float(value).is_integer():
+        if isinstance(value, str) and is_number(value) and float(value).is_integer():
             return int(float(value))
         raise _Mismatch
     if tp is float:
@@ -427,7 +427,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise _Mismatch
         if isinstance(value, (int, float)):
             return float(value)
-        if isinstance(value, str) and _is_number(value):
+        if isinstance(value, str) and is_number(value):
             return float(value)  # YAML 1.1 reads "3e-4" as a string
         raise _Mismatch
     if tp is str:
@@ -437,7 +437,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
         return True
@@ -545,6 +545,16 @@ def config_from_dict(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ())
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+def config_file_for(arg: str) -> str:
+    """A CONFIG argument may be a YAML file or a run directory (its config.yaml)."""
+    p = Path(arg)
+    if p.is_dir():
+        if (p / "config.yaml").is_file():
+            return str(p / "config.yaml")
+        raise KilnError(f"{arg!r} is a directory without config.yaml; pass a config file")
+    return arg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -62,16 +62,6 @@ def _sbatch_arg(value: str) -> str:
     return f'"{v}"' if any(ch.isspace() for ch in value) else v
 
 
-def _resolve_config(arg: str) -> str:
-    """A CONFIG argument may be a YAML file or a run directory (its config.yaml)."""
-    p = Path(arg)
-    if p.is_dir():
-        if (p / "config.yaml").is_file():
-            return str(p / "config.yaml")
-        raise KilnError(f"{arg!r} is a directory without config.yaml; pass a config file")
-    return arg
-
-
 def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides: list[str],
                  job_name: str | None, time: str | None, partition: str | None,
                  account: str | None, port: int = 29500, python: str = "python",
@@ -85,7 +75,7 @@ def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides:
     sbatch was called in (sbatch exports it to the job). `workdir` (default: the current
     directory) is where the job runs, so relative paths in the config mean what they mean here.
     """
-    from kiln.config import load_config
+    from kiln.config import config_file_for, load_config
 
     if nodes < 1:
         raise KilnError(f"--nodes={nodes}: a job needs at least 1 node")
@@ -97,7 +87,7 @@ def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides:
     if not 1 <= port <= 65535:
         raise KilnError(f"--port={port} is not a TCP port (1-65535)")
     overrides = list(overrides)
-    cfg = load_config(_resolve_config(config_path), overrides)
+    cfg = load_config(config_file_for(config_path), overrides)
 
     world = nodes * gpus_per_node
     t = cfg.trainer
@@ -311,9 +301,9 @@ def run_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account,
         port=args.port, python=args.python, extra_sbatch=args.sbatch,
         cpus_per_task=args.cpus_per_task)
-    from kiln.config import load_config
+    from kiln.config import config_file_for, load_config
 
-    run_dir = Path(load_config(_resolve_config(args.config), overrides).trainer.run_dir)
+    run_dir = Path(load_config(config_file_for(args.config), overrides).trainer.run_dir)
     note = _torchrun_note()
     if note:
         print(f"kiln: note: {note}", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kiln import checkpoint as ckpt
-from kiln.config import Config, Duration, config_from_dict, run_numbers
+from kiln.config import Config, Duration, config_from_dict, is_number, run_numbers
 from kiln.data.tokens import resolve_paths
 from kiln.errors import KilnError
 from kiln.schedule import LRSchedule
@@ -36,6 +36,8 @@ class StartPlan:
     tokens_seen: int = 0
     source: Path | None = None
     """The checkpoint to load (resume) or to start from (init)."""
+    source_format: str = "kiln"
+    """"kiln" (a kiln checkpoint) or "hf" (a Hugging Face model directory)."""
     load_optimizer: bool = False
     load_data_position: bool = False
     data_state: dict | None = None
@@ -49,9 +51,9 @@ def parse_extend_to(text: str) -> Duration:
 
     raw = text.strip().replace("_", "")
     for unit in ("tokens", "steps"):
-        if raw.endswith(unit) and _is_float(raw[: -len(unit)]):
+        if raw.endswith(unit) and is_number(raw[: -len(unit)]):
             return Duration(float(raw[: -len(unit)]), unit)
-    if _is_float(raw):
+    if is_number(raw):
         return Duration(float(raw), "steps")
     try:
         value = yaml.safe_load(text)
@@ -61,14 +63,6 @@ def parse_extend_to(text: str) -> Duration:
         pass
     raise KilnError(f"--extend-to={text!r} is not a duration; write --extend-to=5000 (steps), "
                     "--extend-to=2e9tokens or --extend-to='{value: 2e9, unit: tokens}'")
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def _steps(d: Duration, tokens_per_step: int) -> int:
@@ -102,6 +96,8 @@ def plan_start(cfg: Config, extend_to: Duration | None = None,
     if extend_to is not None:
         raise KilnError(f"--extend-to needs a run to extend, but {cfg.trainer.run_dir!r} has no "
                         "checkpoint; train it first or point trainer.run_dir at the run")
+    if cfg.init.from_ and cfg.init.from_.startswith("hf:"):
+        return _plan_init_hf(cfg)
     if cfg.init.from_:
         return _plan_init(cfg)
     sched = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
@@ -222,7 +218,13 @@ def _plan_init(cfg: Config) -> StartPlan:
             "(init.load_schedule_position=true keeps the source's counter); set a later "
             "trainer.max_duration or init.load_schedule_position=false"
         )
-    if cfg.schedule.restart:
+    if not src_sched.segments:  # imported weights: no schedule to continue
+        warm = min(n.warmup_steps, end - step)
+        schedule = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
+        notes.append(f"  schedule: the source has none (imported weights): warmup to "
+                     f"{peak:.3g} over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at "
+                     f"step {end:,}")
+    elif cfg.schedule.restart:
         warm = min(n.warmup_steps, end - step)
         fresh = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
         history = [seg for seg in base.segments if seg.start < step]
@@ -246,4 +248,32 @@ def _plan_init(cfg: Config) -> StartPlan:
     return StartPlan("init", schedule, end, step=step, tokens_seen=tokens, source=source,
                      load_optimizer=init.load_optimizer,
                      load_data_position=init.load_data_position, data_state=data_state,
+                     notes=notes)
+
+
+def _plan_init_hf(cfg: Config) -> StartPlan:
+    """init.from=hf:DIR: Hugging Face weights, a fresh optimizer and schedule, counters at 0."""
+    from kiln.interop.hf import hf_to_kiln_config, read_hf_config
+
+    hf_dir = Path(cfg.init.from_[len("hf:"):])
+    hf_model = hf_to_kiln_config(read_hf_config(hf_dir))
+    with torch.device("meta"):
+        from kiln.model import Transformer
+
+        expected = {k: tuple(v.shape) for k, v in Transformer(hf_model).state_dict().items()}
+        mine = Transformer(cfg.model).state_dict()
+    ckpt.check_shapes(expected, mine, hf_dir, tied=cfg.model.tie_embeddings)
+    if hf_model.tie_embeddings != cfg.model.tie_embeddings:
+        raise KilnError(f"{hf_dir} has tie_word_embeddings={hf_model.tie_embeddings}; set "
+                        f"model.tie_embeddings={str(hf_model.tie_embeddings).lower()}")
+    n = run_numbers(cfg)
+    schedule = LRSchedule.build(cfg.schedule, cfg.optim.lr, n.total_steps, n.warmup_steps)
+    notes = [f"start: a new run from the Hugging Face model in {hf_dir}",
+             "  weights: loaded (converted from Hugging Face names)",
+             "  optimizer: fresh (a Hugging Face model carries no optimizer state)",
+             "  data: starts at the beginning of data.paths",
+             "  counters: step and tokens start at 0",
+             f"  schedule: warmup over {n.warmup_steps:,} steps, {cfg.schedule.name} to step "
+             f"{n.total_steps:,}"]
+    return StartPlan("init", schedule, n.total_steps, source=hf_dir, source_format="hf",
                      notes=notes)

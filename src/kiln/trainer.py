@@ -186,6 +186,20 @@ class Trainer:
     def _load_source(self, plan: StartPlan) -> None:
         """Load what the plan carries over from its source checkpoint (either format, any
         world size)."""
+        if plan.source_format == "hf":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            from kiln.interop.hf import load_hf
+
+            _, state = load_hf(plan.source)
+            if self.cfg.model.tie_embeddings:
+                state.setdefault("lm_head.weight", state["embed.weight"])
+            set_model_state_dict(self.module, state,
+                                 options=StateDictOptions(full_state_dict=True))
+            return
         ckpt.load_into(plan.source, self.module,
                        self.optimizer if plan.load_optimizer else None,
                        tied=self.cfg.model.tie_embeddings)
