@@ -295,6 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=32, help="token ids to show")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export", help="export a checkpoint to another format")
+    esub = p.add_subparsers(dest="export_format", required=True)
+    q = esub.add_parser("hf", help="a Hugging Face model directory (from_pretrained loads it)")
+    from kiln.interop.hf import add_export_arguments, run_export
+
+    add_export_arguments(q)
+    q.set_defaults(func=lambda a, _: run_export(a))
+
+    p = sub.add_parser("import", help="import weights from another format as a kiln checkpoint")
+    isub = p.add_subparsers(dest="import_format", required=True)
+    q = isub.add_parser("hf", help="a Hugging Face model directory (Llama, OLMo, OLMo-2)")
+    from kiln.interop.hf import add_import_hf_arguments, run_import_hf
+
+    add_import_hf_arguments(q)
+    q.set_defaults(func=lambda a, _: run_import_hf(a))
+    q = isub.add_parser("olmo", help="an unsharded OLMo checkpoint (stepN-unsharded/), with "
+                        "its optimizer state")
+    from kiln.interop.olmo import add_import_olmo_arguments, run_import_olmo
+
+    add_import_olmo_arguments(q)
+    q.set_defaults(func=lambda a, _: run_import_olmo(a))
+
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", required=True)
     q = csub.add_parser("unshard", help="turn a sharded checkpoint into the unsharded format")

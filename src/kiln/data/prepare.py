@@ -394,6 +394,9 @@ def prepare(
 
     with _tokenizers_parallel(), _progress(progress, corpus.total_bytes) as start:
         if tokenizer is not None:
+            from kiln.data.tokenizers import resolve_tokenizer
+
+            tokenizer = str(resolve_tokenizer(tokenizer))  # a path, an alias or a shipped name
             tok = _load_tokenizer(tokenizer)
             tok_bytes = Path(tokenizer).read_bytes()  # copied verbatim
         else:
