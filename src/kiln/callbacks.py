@@ -99,7 +99,9 @@ class ConsoleCallback(Callback):
         self.console.print(
             f"step {m['step']:>6}/{trainer.numbers.stop_step} | loss {m['loss']:.4f} | "
             f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
-            f"{m['tokens_per_sec']:,.0f} tok/s | ETA {_fmt_time(eta)}"
+            f"{m['tokens_per_sec']:,.0f} tok/s"
+            + (f" | MFU {m['mfu']:.1%}" if "mfu" in m else "")
+            + f" | ETA {_fmt_time(eta)}"
         )
 
     def on_preempt(self, trainer, result: dict) -> None:

@@ -81,6 +81,27 @@ def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, li
     return train, val, files
 
 
+# Dense (no sparsity) peak FLOP/s per GPU, from the vendors' data sheets; MFU is reported
+# only for devices listed here.
+PEAK_FLOPS = {  # name fragment -> (bf16, fp32 / tf32-off)
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "A10G": (125e12, 31.2e12),
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in PEAK_FLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
 def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
     if cfg.data.tokenizer:
         from kiln.data.tokenizers import resolve_tokenizer
@@ -156,6 +177,7 @@ class Trainer:
         self.step = self.plan.step
         self.tokens_seen = self.plan.tokens_seen
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device, self.precision)
         self.resumed_from: Path | None = None
         if self.plan.source is not None:
             self._load_source(self.plan)
@@ -414,9 +436,12 @@ class Trainer:
                         "lr": self.schedule.lr(self.step),
                         "grad_norm": float(grad_norm),
                         "tokens_per_sec": tps,
-                        "mfu_flops_per_sec": tps * self.flops_per_token,
+                        "model_flops_per_sec": tps * self.flops_per_token,
                         "step_time": dt / max(self.step - step_at_log, 1),
                     }
+                    if self.peak_flops:  # per-GPU model FLOPs over the device's dense peak
+                        last["mfu"] = tps * self.flops_per_token / (
+                            self.peak_flops * self.dist.world_size)
                     self._emit("on_log", last)
                     t_log, tokens_at_log, step_at_log = now, self.tokens_seen, self.step
 
