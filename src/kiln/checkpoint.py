@@ -20,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,10 +422,7 @@ def unshard(src: str | Path, out: str | Path) -> Path:
         flat = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(src / SHARDED), str(flat))
         state = torch.load(flat, map_location="cpu", weights_only=True)
-    staging = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out) as staging:
         save_file(dedupe_tied(state["model"]), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
         if "optim" in state:
@@ -431,10 +430,34 @@ def unshard(src: str | Path, out: str | Path) -> Path:
         for name in ("trainer.json", "config.yaml", "rng.pt", "tokenizer.json"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
-        for f in staging.iterdir():
-            _fsync_file(f)
+    return out
+
+
+@contextmanager
+def staged_folder(out: str | Path):
+    """For writing a new folder `out` all or nothing: yields a hidden folder beside it, which
+    is fsynced and renamed to `out` on success and removed on any error."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise KilnError(f"{out} exists; choose a new output folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    except OSError as e:
+        raise KilnError(f"cannot create a folder beside {out}: {e.strerror or e}") from e
+    try:
+        yield staging
+        for f in staging.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        if out.exists():
+            raise KilnError(f"{out} appeared while it was being written; choose a new output "
+                            "folder")
         os.rename(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise KilnError(f"could not write {out} ({e.strerror or e}); nothing was written; free "
+                        "disk space or choose another folder") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,46 +460,6 @@ def _special_tokens(tok_path: Path | None, eos_id: int | None, vocab: int
     return found
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-
-
-def _staging_dir(out: Path) -> Path:
-    if out.exists() or out.is_symlink():
-        raise KilnError(f"{out} exists; choose a new output folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    except OSError as e:
-        raise KilnError(f"cannot create a folder beside {out}: {e.strerror or e}") from e
-
-
-def _finish(staging: Path, out: Path) -> None:
-    _fsync_tree(staging)
-    if out.exists():
-        raise KilnError(f"{out} appeared while it was being written; choose a new output folder")
-    os.rename(staging, out)
-
-
-@contextmanager
-def _staged(out: Path):
-    """Yield a hidden folder beside `out`; renamed to `out` on success, removed on any error."""
-    staging = _staging_dir(out)
-    try:
-        yield staging
-        _finish(staging, out)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise KilnError(f"could not write {out} ({e.strerror or _one_line(e)}); nothing was "
-                        "written; free disk space or choose another folder") from e
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the kiln checkpoint `src` (a checkpoint folder, or a RUN_DIR meaning its latest
@@ -526,7 +483,7 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
     tok_path = tok_path if tok_path.is_file() else None
     special = _special_tokens(tok_path, cfg.data.eos_token_id, mc.padded_vocab_size)
 
-    with _staged(out) as staging:
+    with ckpt.staged_folder(out) as staging:
         state = _read_kiln_weights(path, staging)
         hf_state = _kiln_to_hf_state(state, mc, arch, path)
         del state
@@ -703,7 +660,7 @@ def import_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     trainer = {"step": 0, "tokens_seen": 0, "data": {"epoch": 0, "tokens_in_epoch": 0},
                "schedule": {"segments": [], "warmup_end": 0}, "total_steps": 0,
                "tokens_per_step": 0, "source": "hf:" + str(d.resolve())}
-    with _staged(out) as staging:
+    with ckpt.staged_folder(out) as staging:
         save_file(ckpt.dedupe_tied(state), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
         (staging / "config.yaml").write_text(config_yaml)

@@ -117,7 +117,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -824,24 +823,14 @@ def import_olmo(olmo_dir: str | Path, out_checkpoint: str | Path, *,
         "source": "olmo:" + str(d.resolve()), "olmo": counters,
     }
     tokenizer = _olmo_tokenizer(olmo_cfg)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    except OSError as e:
-        raise KilnError(f"cannot create a folder beside {out}: {e.strerror or e}") from e
-    try:
+    with ckpt.staged_folder(out) as staging:
+        # kiln.checkpoint.save writes RUN_DIR/checkpoints/step{N}/: write it inside the
+        # staging folder, then lift its files up so the staging folder becomes OUT
         written = ckpt.save(staging, step, model=msd, trainer=trainer,
                             config_yaml=cfg.to_yaml(), optim=osd, tokenizer=tokenizer)
-        _check_out(out)
-        os.rename(written, out)
-        shutil.rmtree(staging, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise KilnError(f"could not write {out} ({e.strerror or _one_line(e)}); nothing was "
-                        "written; free disk space or choose another folder") from e
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        for f in written.iterdir():
+            os.rename(f, staging / f.name)
+        shutil.rmtree(staging / "checkpoints")
     return out
 
 
