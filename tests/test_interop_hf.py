@@ -474,11 +474,11 @@ def test_cli_entry_points(tmp_path, tokenizer_path, eos_id, capsys):
 def test_training_from_hf_weights_starts_at_the_hf_models_loss(pydoc_tokens, tmp_path):
     """init.from=hf:DIR: the first logged loss is the HF model's loss on that same batch."""
     import torch.nn.functional as F
+    from test_train import losses, tiny_cfg
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln.config import config_from_dict
     from kiln.trainer import Trainer
-    from test_train import losses, tiny_cfg
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=192,
