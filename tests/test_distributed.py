@@ -135,6 +135,15 @@ def test_unshard_round_trip_is_exact(pydoc_tokens, tmp_path):
     (tmp_path / "flat").rename(moved / sharded.name)
     c = ckpt.load(tmp_path / "moved")
     assert c.step == 10 and c.optim is not None
+    # generate and inspect read the sharded checkpoint directly, and agree with the copy
+    gen = [subprocess.run([sys.executable, "-m", "kiln", "generate", str(where), "--prompt",
+                           "The", "--greedy", "--max-new-tokens", "8"],
+                          capture_output=True, text=True) for where in (run, tmp_path / "moved")]
+    assert gen[0].returncode == 0, gen[0].stderr
+    assert gen[0].stdout == gen[1].stdout
+    info = subprocess.run([sys.executable, "-m", "kiln", "inspect", str(run)],
+                          capture_output=True, text=True)
+    assert info.returncode == 0 and "sharded" in info.stdout
 
 
 def test_a_failing_rank_fails_the_whole_job(pydoc_tokens, tmp_path):

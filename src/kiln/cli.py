@@ -117,15 +117,15 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
     from kiln.model import Transformer
 
     path = ckpt.resolve(args.checkpoint)
-    c = ckpt.load(path, with_optim=False)
-    cfg = config_from_dict(c.config)
+    _, raw_config = ckpt.read_meta(path)
+    cfg = config_from_dict(raw_config)
     tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
     if not tok_path.is_file():
         raise KilnError(f"no tokenizer.json in {path}; pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer(cfg.model)
-    ckpt.load_model_state(model, c.model, path)
+    ckpt.load_into(path, model, None, tied=cfg.model.tie_embeddings)  # either format
     model.to(device).eval()
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
@@ -154,23 +154,26 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
 
     p = Path(args.path)
     if p.is_dir():
-        path = ckpt.resolve(p)
-        c = ckpt.load(path, with_optim=False)
+        import math
+
         from kiln.config import config_from_dict
 
-        cfg = config_from_dict(c.config)
-        n_params = sum(t.numel() for t in c.model.values())
-        print(f"checkpoint      {path}")
-        print(f"step            {c.trainer['step']:,}")
-        print(f"tokens seen     {c.trainer['tokens_seen']:,}")
-        print(f"data position   {json.dumps(c.trainer['data'])}")
+        path = ckpt.resolve(p)
+        trainer, raw_config = ckpt.read_meta(path)
+        cfg = config_from_dict(raw_config)
+        n_params = sum(math.prod(s) for s in ckpt.tensor_shapes(path).values())
+        kind = "sharded (torch.distributed.checkpoint)" if ckpt.is_sharded(path) else "unsharded"
+        print(f"checkpoint      {path} ({kind})")
+        print(f"step            {trainer['step']:,}")
+        print(f"tokens seen     {trainer['tokens_seen']:,}")
+        print(f"data position   {json.dumps(trainer['data'])}")
         print(f"parameters      {n_params:,} stored ({cfg.model.num_params():,} in the model)")
         print(f"model           {cfg.model.preset or 'custom'}: d_model {cfg.model.d_model}, "
               f"{cfg.model.n_layers} layers, {cfg.model.n_heads} heads, vocab "
               f"{cfg.model.vocab_size}")
         print("schedule        " + "\n                ".join(
             f"{s['shape']} steps {s['start']}->{s['end']} lr {s['lr_start']:.3g}->"
-            f"{s['lr_end']:.3g}" for s in c.trainer["schedule"]["segments"]))
+            f"{s['lr_end']:.3g}" for s in trainer["schedule"]["segments"]))
         print(f"files           {', '.join(sorted(f.name for f in path.iterdir()))}")
         return 0
     from kiln.data.tokens import TokenFile
