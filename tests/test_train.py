@@ -156,3 +156,14 @@ def test_compiled_blocks_train_like_eager(pydoc_tokens, tmp_path):
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5)
     assert set(final_weights(tmp_path / "compiled")) == set(final_weights(tmp_path / "eager"))
+
+
+def test_z_loss_regularises_without_changing_the_logged_cross_entropy(pydoc_tokens, tmp_path):
+    train(tiny_cfg(pydoc_tokens, tmp_path / "plain", trainer__max_duration=3))
+    train(tiny_cfg(pydoc_tokens, tmp_path / "z", trainer__max_duration=3, optim__z_loss=0.1))
+    plain, z = losses(tmp_path / "plain"), losses(tmp_path / "z")
+    assert z[1] == plain[1]  # step 1 logs the same cross entropy of the same weights
+    assert z[3] != plain[3]  # but the z-loss gradient moved the weights differently
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "z")
+    assert not torch.equal(a["lm_head.weight" if "lm_head.weight" in a else "embed.weight"],
+                           b["lm_head.weight" if "lm_head.weight" in b else "embed.weight"])
