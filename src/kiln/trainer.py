@@ -178,7 +178,6 @@ class Trainer:
         self.tokens_seen = self.plan.tokens_seen
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, self.precision)
-        self.resumed_from: Path | None = None
         if self.plan.source is not None:
             self._load_source(self.plan)
         self.stop_requested: str | None = None
@@ -238,7 +237,6 @@ class Trainer:
                 torch.set_rng_state(rng["cpu"])
                 if self.device.type == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
-            self.resumed_from = plan.source
 
     def save_checkpoint(self) -> Path:
         """Every rank calls this. Unsharded: gathered to rank 0, which writes. Sharded: every
