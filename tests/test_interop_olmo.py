@@ -30,9 +30,9 @@ REAL = Path(__file__).parent / "data" / "olmo"  # written by OLMo itself (make_o
 
 
 def kiln_model(out: Path) -> Transformer:
-    c = ckpt.load(out)
-    model = Transformer(config_from_dict(c.config).model)
-    ckpt.load_model_state(model, c.model, out)
+    cfg = config_from_dict(ckpt.read_meta(out)[1])
+    model = Transformer(cfg.model)
+    ckpt.load_into(out, model, None, tied=cfg.model.tie_embeddings)
     return model.eval()
 
 

@@ -321,17 +321,6 @@ def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],
         )
 
 
-def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
-    state = model.state_dict()
-    check_shapes(saved, state, where)
-    with torch.no_grad():
-        for name, t in state.items():
-            src = saved.get(name)
-            if src is None:  # tied head
-                continue
-            t.copy_(src.to(t.dtype))
-
-
 # --------------------------------------------------------------------------------------------
 # Model + optimizer state at any world size (plain, DDP or FSDP2-sharded modules)
 
