@@ -13,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from kiln.errors import KilnError, warn
+
 
 class Callback:
     def on_fit_start(self, trainer) -> None: ...
@@ -27,26 +29,65 @@ class MetricsFileCallback(Callback):
     """RUN_DIR/metrics.jsonl: one JSON object per logged step (and per evaluation).
 
     On resume, lines after the checkpoint's step are dropped, so the file describes exactly
-    the steps that led to the current weights.
+    the steps that led to the current weights. A line cut short (a crash or a full disk in the
+    middle of a write) is dropped with a warning. A run that starts again from step 0 over an
+    earlier history keeps that history in ``metrics.prev-N.jsonl``; nothing is deleted.
+    A failed write stops the run with a one-line error.
     """
 
     def __init__(self, path: Path, truncate_after: int | None = None):
         self.path = Path(path)
         if truncate_after is not None and self.path.is_file():
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after
-            ]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            try:
+                self._truncate(truncate_after)
+            except OSError as e:
+                raise KilnError(f"could not rewrite {self.path} ({e.strerror or e}); free disk "
+                                "space and run again (checkpoints are untouched)") from None
         self._f = None
 
+    def _truncate(self, after: int) -> None:
+        kept, later, torn = [], 0, []
+        for i, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record.get("step", 0))
+            except (ValueError, TypeError, AttributeError):
+                torn.append(i)
+                continue
+            if step <= after:
+                kept.append(line)
+            else:
+                later += 1
+        if torn:
+            warn(f"{self.path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}: a "
+                 "record cut short by a crash or a full disk)")
+        if after == 0 and later:  # a fresh start over an earlier history: keep that history
+            n = 1
+            while (old := self.path.with_name(f"metrics.prev-{n}.jsonl")).exists():
+                n += 1
+            os.replace(self.path, old)
+            warn(f"{self.path.parent} has {later} logged record(s) but no checkpoint to resume "
+                 f"from: this run starts at step 0; the earlier records are kept in {old}")
+            return
+        if not torn and not later:
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
     def _write(self, record: dict) -> None:
-        if self._f is None:
-            self._f = open(self.path, "a")
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a")
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise KilnError(f"could not append to {self.path} ({e.strerror or e}) at step "
+                            f"{record.get('step')}; the run stopped, its checkpoints are "
+                            f"untouched; free disk space and resume: kiln train "
+                            f"{self.path.parent}") from None
 
     def on_log(self, trainer, metrics: dict) -> None:
         self._write(metrics)
@@ -59,7 +100,10 @@ class MetricsFileCallback(Callback):
 
     def on_fit_end(self, trainer, metrics: dict) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None
 
 
@@ -129,5 +173,6 @@ class ConsoleCallback(Callback):
         if ev is not None and baseline is not None:
             self.console.print(
                 f"final val_loss {ev['val_loss']:.4f} nats vs unigram entropy of the training "
-                f"data {baseline:.4f} nats ({baseline - ev['val_loss']:.2f} nats below it)"
+                f"data {baseline:.4f} nats ({abs(baseline - ev['val_loss']):.2f} nats "
+                f"{'below' if ev['val_loss'] <= baseline else 'above'} it)"
             )

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,15 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, warn
+from kiln.safeload import (
+    dcp_load,
+    dcp_load_full,
+    dcp_root_cause,
+    load_pt,
+    one_line,
+    read_dcp_metadata,
+)
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 REQUIRED = ("trainer.json", "config.yaml")
@@ -82,15 +91,32 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def missing_parts(path: Path) -> list[str]:
+    """The files a checkpoint folder needs but lacks."""
+    need = list(REQUIRED) + ([] if is_sharded(path) else ["model.safetensors"])
+    return [f for f in need if not (path / f).is_file()]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names, or the newest complete one if that pointer is stale."""
+    """The checkpoint `latest` names. kiln points `latest` only at complete checkpoints, so a
+    damaged one there was damaged afterwards: that is refused rather than silently replaced
+    by an older one. A pointer to a folder that is gone falls back, with a warning, to the
+    newest complete checkpoint."""
     root = checkpoints_dir(run_dir)
     pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
     found = list_checkpoints(run_dir)
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        candidate = root / name
+        if STEP_DIR.match(name) and is_complete(candidate):
+            return candidate
+        if STEP_DIR.match(name) and candidate.is_dir():
+            older = f"; to resume from {found[-1].name}, move it out of {root}" if found else ""
+            raise KilnError(f"checkpoint {candidate} (named by {pointer}) is damaged: "
+                            f"{', '.join(missing_parts(candidate))} missing{older}")
+        if found:
+            warn(f"{pointer} names {name!r}, which does not exist; using {found[-1]}, the newest "
+                 "complete checkpoint")
     return found[-1] if found else None
 
 
@@ -144,6 +170,8 @@ def temp_dir(run_dir: str | Path, step: int, clean: bool = True) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step*"):  # left by a crash in an earlier save
             shutil.rmtree(stale, ignore_errors=True)
+        for gone in root.glob(".del-step*"):  # a crash during retention
+            shutil.rmtree(gone, ignore_errors=True)
         for old in root.glob(".old-step*"):  # a crash mid-swap: delete only if replaced
             if is_complete(root / old.name[len(".old-"):].rsplit("-", 1)[0]):
                 shutil.rmtree(old, ignore_errors=True)
@@ -153,12 +181,30 @@ def temp_dir(run_dir: str | Path, step: int, clean: bool = True) -> Path:
 def save_sharded_state(state: dict[str, Any], tmp: Path) -> None:
     """All ranks: write their shards of `state` ({"model": ..., "optim": ...}) into tmp/dcp."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.save(state, checkpoint_id=str(tmp / SHARDED))
-    except Exception as e:  # disk full, permissions: same promise as the unsharded save
-        raise KilnError(f"could not write sharded checkpoint shards in {tmp} ({e}); earlier "
-                        "checkpoints are untouched") from e
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save")
+            dcp.save(state, checkpoint_id=str(tmp / SHARDED))
+    except (Exception, CheckpointException) as e:  # disk full, permissions: same promise as
+        shutil.rmtree(tmp, ignore_errors=True)  # the unsharded save
+        raise KilnError(f"could not write sharded checkpoint shards in {tmp} "
+                        f"({_save_failure(dcp_root_cause(e), tmp.parent)}); earlier checkpoints "
+                        "are untouched and the partial one was removed; free disk space and "
+                        "resume") from None
+
+
+def _save_failure(e: BaseException, where: Path) -> str:
+    """One line on why a write failed, with the free space where it was written."""
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free in {where}"
+    except OSError:
+        free = f"free space in {where} unknown"
+    text = one_line(getattr(e, "strerror", None) or e)
+    if "No space left" in text or getattr(e, "errno", None) == 28 or "unexpected pos" in text:
+        text = "no space left on device"
+    return f"{text[:160]}; {free}"
 
 
 def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | None,
@@ -191,7 +237,14 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
                 _fsync_file(f)
         _fsync_dir(tmp)
         old = None
-        if final.exists():  # a step{N} written before a rewind: swap, then delete it
+        if final.exists() and not is_complete(final):  # damaged by hand: keep it aside
+            n = 1
+            while (aside := root / f"step{step}-damaged-{n}").exists():
+                n += 1
+            os.rename(final, aside)
+            warn(f"{final} was damaged ({', '.join(missing_parts(final))} missing); kept it as "
+                 f"{aside} and wrote a new {final.name}")
+        elif final.exists():  # a step{N} written before a rewind: swap, then delete it
             old = root / f".old-step{step}-0"
             os.rename(final, old)
         os.rename(tmp, final)
@@ -203,12 +256,15 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, torch's and safetensors' own errors
         shutil.rmtree(tmp, ignore_errors=True)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.unlink(missing_ok=True)
         raise KilnError(
-            f"could not write checkpoint {final} ({e.strerror or e}); earlier checkpoints are "
-            "untouched; free disk space or change trainer.run_dir"
-        ) from e
+            f"could not write checkpoint {final} ({_save_failure(e, root)}); earlier checkpoints "
+            f"are untouched and the partial one was removed; free disk space and resume: kiln "
+            f"train {run_dir}"
+        ) from None
     if keep_last > 0:
         prune(run_dir, keep_last)
     return final
@@ -223,7 +279,9 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     for p in found[:-keep_last]:
         if p == latest:
             continue
-        shutil.rmtree(p)
+        gone = p.with_name(f".del-{p.name}")  # renamed first: a kill mid-delete leaves no
+        os.rename(p, gone)  # half-deleted step{N}, and .del-* is removed by the next save
+        shutil.rmtree(gone, ignore_errors=True)
         removed.append(p)
     return removed
 
@@ -245,9 +303,7 @@ def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the stored weights, read from file headers only."""
     if is_sharded(path):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        meta = FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+        meta = read_dcp_metadata(path / SHARDED).state_dict_metadata
         shapes = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
                   if k.startswith("model.") and hasattr(v, "size")}
         _, config = read_meta(path)
@@ -262,8 +318,17 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                         "damaged") from e
 
 
+def read_sharded_full(path: Path) -> dict[str, Any]:
+    """{"model": full tensors, "optim": ...} of a sharded checkpoint folder, in one process."""
+    state = dcp_load_full(path / SHARDED)
+    if not isinstance(state.get("model"), dict):
+        raise KilnError(f"sharded checkpoint {path} holds no model state; it is damaged")
+    return state
+
+
 def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
-    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest)."""
+    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest); the
+    optimizer and RNG state only `with_optim` (what needs weights alone reads weights alone)."""
     p = resolve(path)
     try:
         model = load_file(str(p / "model.safetensors"))
@@ -271,13 +336,10 @@ def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
         raise KilnError(f"cannot read {p / 'model.safetensors'}: {e}; the file is damaged") from e
     trainer, config = read_meta(p)
     optim = rng = None
-    try:
-        if with_optim and (p / "optim.pt").is_file():
-            optim = torch.load(p / "optim.pt", map_location="cpu", weights_only=True)
-        if (p / "rng.pt").is_file():
-            rng = torch.load(p / "rng.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign pickle
-        raise KilnError(f"cannot read optimizer/RNG state in {p}: {e}") from e
+    if with_optim and (p / "optim.pt").is_file():
+        optim = load_pt(p / "optim.pt")
+    if with_optim and (p / "rng.pt").is_file():
+        rng = load_pt(p / "rng.pt")
     return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
 
 
@@ -364,13 +426,8 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     )
 
     if is_sharded(path):
-        import torch.distributed.checkpoint as dcp
-
         state = sharded_state(model, optimizer)
-        try:
-            dcp.load(state, checkpoint_id=str(path / SHARDED))
-        except Exception as e:
-            raise KilnError(f"cannot read sharded checkpoint {path}: {e}") from e
+        dcp_load(state, path / SHARDED)
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
@@ -378,6 +435,7 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                            optim_state_dict=state["optim"])
         return
     c = load(path, with_optim=optimizer is not None)
+    check_shapes(c.model, model.state_dict(), path / "model.safetensors", tied=tied)
     msd = dict(c.model)
     if tied and "lm_head.weight" not in msd and "embed.weight" in msd:
         msd["lm_head.weight"] = msd["embed.weight"]
@@ -386,7 +444,9 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         set_model_state_dict(model, msd, options=opts)
         return
     if c.optim is None:
-        raise KilnError(f"{path} holds no optimizer state; set init.load_optimizer=false")
+        raise KilnError(f"{path} holds no optimizer state (no optim.pt); start with a fresh "
+                        "optimizer: init.load_optimizer=false")
+    check_optim_state(c.optim, model, path / "optim.pt")
     try:
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=c.optim,
                        options=opts)
@@ -394,23 +454,33 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         raise KilnError(f"optimizer state in {path} does not fit this model: {e}") from e
 
 
+def check_optim_state(osd: Any, model: torch.nn.Module, where: Path) -> None:
+    """Refuse optimizer state that does not hold Adam state for every trained parameter (a
+    foreign or emptied optim.pt would silently restart Adam)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = osd.get("state") if isinstance(osd, dict) else None
+    if not isinstance(state, dict) or not isinstance(osd.get("param_groups"), list):
+        raise KilnError(f"{where} is not an optimizer state dict (no state / param_groups); "
+                        "replace it with the file the run wrote")
+    missing = [n for n in names if not isinstance(state.get(n), dict) or "exp_avg" not in
+               state[n]]
+    if missing:
+        raise KilnError(f"{where} has no Adam state for {len(missing)} of {len(names)} "
+                        f"parameters (e.g. {missing[0]!r}); it is not this run's optimizer "
+                        "state: replace it with the file the run wrote, or start a new run "
+                        "from these weights with a fresh optimizer (init.load_optimizer=false)")
+
+
 def unshard(src: str | Path, out: str | Path) -> Path:
     """Turn a sharded checkpoint into the unsharded format (a complete checkpoint folder)."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     src = resolve(src)
     out = Path(out)
     if not is_sharded(src):
         raise KilnError(f"{src} is not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists():
         raise KilnError(f"{out} exists; choose a new output folder")
-    trainer, _ = read_meta(src)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        flat = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(src / SHARDED), str(flat))
-        state = torch.load(flat, map_location="cpu", weights_only=True)
+    read_meta(src)
+    state = read_sharded_full(src)
     with staged_folder(out) as staging:
         save_file(dedupe_tied(state["model"]), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})

@@ -173,7 +173,8 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
               f"{cfg.model.vocab_size}")
         print("schedule        " + "\n                ".join(
             f"{s['shape']} steps {s['start']}->{s['end']} lr {s['lr_start']:.3g}->"
-            f"{s['lr_end']:.3g}" for s in trainer["schedule"]["segments"]))
+            f"{s['lr_end']:.3g}" + (f" (from step {s['begin']})" if s.get("begin") else "")
+            for s in trainer["schedule"]["segments"]))
         print(f"files           {', '.join(sorted(f.name for f in path.iterdir()))}")
         return 0
     from kiln.data.tokens import TokenFile

@@ -1,4 +1,9 @@
-"""The one exception type the CLI turns into a one-line error message."""
+"""The one exception type the CLI turns into a one-line error message, and one-line warnings."""
+
+from __future__ import annotations
+
+import os
+import sys
 
 
 class KilnError(Exception):
@@ -6,3 +11,14 @@ class KilnError(Exception):
 
     The CLI prints it as a single line and exits non-zero (traceback only with --debug).
     """
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """Print `kiln: warning: message` to stderr once per process (rank 0 only)."""
+    if message in _warned or os.environ.get("RANK", "0") != "0":
+        return
+    _warned.add(message)
+    print(f"kiln: warning: {message}", file=sys.stderr, flush=True)

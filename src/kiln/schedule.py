@@ -32,6 +32,13 @@ class Segment:
     end: int
     lr_start: float
     lr_end: float
+    begin: int | None = None
+    """The step after which this segment takes over (default `start`): a segment can take
+    over part-way along its own curve, which is how an LR change scales an unfinished one."""
+
+    @property
+    def takes_over(self) -> int:
+        return self.start if self.begin is None else self.begin
 
     def lr(self, step: float) -> float:
         if self.shape == "constant":
@@ -47,14 +54,19 @@ class Segment:
         raise ValueError(f"unknown segment shape {self.shape!r}")
 
     def shifted(self, by: int) -> Segment:
-        return Segment(self.shape, self.start + by, self.end + by, self.lr_start, self.lr_end)
+        return Segment(self.shape, self.start + by, self.end + by, self.lr_start, self.lr_end,
+                       None if self.begin is None else self.begin + by)
+
+    def scaled(self, factor: float, begin: int | None = None) -> Segment:
+        return Segment(self.shape, self.start, self.end, self.lr_start * factor,
+                       self.lr_end * factor, self.begin if begin is None else begin)
 
 
 class LRSchedule:
     """A piecewise schedule over absolute steps; past the last segment's end the LR stays put."""
 
     def __init__(self, segments: list[Segment], warmup_end: int = 0):
-        self.segments = sorted(segments, key=lambda s: s.start)
+        self.segments = sorted(segments, key=lambda s: s.takes_over)
         self.warmup_end = warmup_end
         """Step at which warmup reaches the peak LR (<= the first step when there is none)."""
 
@@ -64,7 +76,7 @@ class LRSchedule:
             raise ValueError("empty schedule")
         seg = self.segments[0]
         for s in self.segments[1:]:
-            if s.start < step:
+            if s.takes_over < step:
                 seg = s
             else:
                 break
@@ -81,7 +93,7 @@ class LRSchedule:
         """Keep the schedule up to `step`; from there, finish any warmup (to `peak`), then
         follow `cfg`'s shape (or `shape`) from the LR of that moment to `final` at `end`.
         The LR is continuous at the join."""
-        segs = [s for s in self.segments if s.start < step]
+        segs = [s for s in self.segments if s.takes_over < step]
         lr_now = self.lr(step) if self.segments else peak
         at = step
         if self.warmup_end > step:
@@ -90,6 +102,14 @@ class LRSchedule:
         segs += tail_segments(shape or cfg.name, cfg, at, end, lr_now, final)
         return LRSchedule(segs, warmup_end=self.warmup_end)
 
+    def scaled_after(self, step: int, factor: float) -> LRSchedule:
+        """The same plan with every LR after `step` multiplied by `factor` (the past kept):
+        what changing the peak LR of a run on resume means."""
+        past = [s for s in self.segments if s.takes_over < step]
+        future = [s.scaled(factor) for s in self.segments if s.takes_over >= step]
+        current = [s.scaled(factor, begin=step) for s in past[-1:]]
+        return LRSchedule(past + current + future, self.warmup_end)
+
     def shifted(self, by: int) -> LRSchedule:
         """The same curve on an axis moved by `by` steps (history may become negative)."""
         return LRSchedule([s.shifted(by) for s in self.segments], self.warmup_end + by)
@@ -97,10 +117,13 @@ class LRSchedule:
     # -- persistence and display --------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"segments": [asdict(s) for s in self.segments], "warmup_end": self.warmup_end}
+        segs = [{k: v for k, v in asdict(s).items() if k != "begin" or v is not None}
+                for s in self.segments]
+        return {"segments": segs, "warmup_end": self.warmup_end}
 
     def load_state_dict(self, state: dict) -> None:
-        self.segments = sorted((Segment(**s) for s in state["segments"]), key=lambda s: s.start)
+        self.segments = sorted((Segment(**s) for s in state["segments"]),
+                               key=lambda s: s.takes_over)
         self.warmup_end = int(state.get("warmup_end", 0))
 
     @classmethod
@@ -113,7 +136,7 @@ class LRSchedule:
         """Steps worth printing: 1, segment boundaries, the current step, the end."""
         steps = {1, self.end}
         for s in self.segments:
-            steps |= {max(s.start, 1), max(s.end, 1)}
+            steps |= {max(s.takes_over, 1), max(s.end, 1)}
         if current is not None:
             steps |= {current, current + 1}
         return sorted(x for x in steps if 1 <= x <= max(self.end, 1))

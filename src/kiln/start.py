@@ -138,6 +138,12 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
         notes.append(f"micro-batch changed {saved.trainer.micro_batch_size} -> "
                      f"{cfg.trainer.micro_batch_size}: only gradient accumulation changes")
 
+    if cfg.optim.lr != saved.optim.lr and saved.optim.lr > 0:
+        factor = cfg.optim.lr / saved.optim.lr
+        schedule = schedule.scaled_after(step, factor)
+        notes.append(f"schedule: optim.lr changed {saved.optim.lr:.3g} -> {cfg.optim.lr:.3g}: "
+                     f"every LR after step {step:,} is the saved schedule's times {factor:.3g} "
+                     f"(next step {schedule.lr(step + 1):.3g})")
     if extend_to is not None:
         new_end = _steps(extend_to, tps)
         if new_end <= step:
@@ -227,7 +233,7 @@ def _plan_init(cfg: Config) -> StartPlan:
     elif cfg.schedule.restart:
         warm = min(n.warmup_steps, end - step)
         fresh = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)
-        history = [seg for seg in base.segments if seg.start < step]
+        history = [seg for seg in base.segments if seg.takes_over < step]
         schedule = LRSchedule(history + fresh.segments, warmup_end=fresh.warmup_end)
         notes.append(f"  schedule: restarted (schedule.restart=true): warmup to {peak:.3g} "
                      f"over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at step {end:,}")

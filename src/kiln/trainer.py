@@ -41,6 +41,7 @@ from kiln.parallel import (
     resolve_dp,
     unwrap,
 )
+from kiln.safeload import load_pt
 from kiln.schedule import LRSchedule
 from kiln.start import StartPlan, plan_start
 
@@ -181,6 +182,9 @@ class Trainer:
         if self.plan.source is not None:
             self._load_source(self.plan)
         self.stop_requested: str | None = None
+        # the first step whose loss or gradient norm was not finite (0: none), kept on the
+        # device so that checking every step costs no host sync; read by _check_finite
+        self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._fault = _fault_injection(self.dist.rank)
         # rank hygiene: only rank 0 writes files and talks to the console
         self.callbacks: list[Callback] = []
@@ -233,14 +237,16 @@ class Trainer:
         if plan.kind == "resume":
             rng_file = plan.source / "rng.pt"
             if rng_file.is_file():
-                rng = torch.load(rng_file, weights_only=True)
+                rng = load_pt(rng_file)
                 torch.set_rng_state(rng["cpu"])
                 if self.device.type == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
 
     def save_checkpoint(self) -> Path:
         """Every rank calls this. Unsharded: gathered to rank 0, which writes. Sharded: every
-        rank writes its shards in parallel, rank 0 adds the small files and renames."""
+        rank writes its shards in parallel, rank 0 adds the small files and renames.
+        Refuses (KilnError) to save non-finite weights."""
+        self._check_finite(weights=True)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -301,7 +307,40 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / n_micro, grad_norm
+        loss = loss_sum / n_micro
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
+        self._bad_step = torch.where((self._bad_step == 0) & bad, self.step + 1, self._bad_step)
+        return loss, grad_norm
+
+    def _check_finite(self, weights: bool = False) -> None:
+        """Stop with a one-line error if any step so far had a non-finite loss or gradient
+        (or, with `weights`, if any weight is non-finite), before anything is saved or
+        logged from them. All ranks must call (one tiny all-reduce when distributed)."""
+        first = self._bad_step.clone()
+        if weights:
+            local = [p.to_local() if hasattr(p, "to_local") else p
+                     for p in self.module.parameters()]
+            w_bad = torch.stack([(~torch.isfinite(t.detach())).any() for t in local]).any()
+            first = torch.where((first == 0) & w_bad, self.step, first)
+        if self.dist.enabled:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        bad_step = int(first.item())
+        if bad_step == 0:
+            return
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        lr = self.cfg.optim.lr
+        if latest is not None:  # a tenth of the lower of now's and the good checkpoint's LR
+            lr = min(lr, float(ckpt.read_meta(latest)[1].get("optim", {}).get("lr", lr)))
+        lower = f"{lr / 10:.3g}"
+        what = f"the loss or gradients became non-finite (NaN or inf) at step {bad_step}"
+        if latest is None:
+            raise KilnError(f"{what}; no checkpoint was written, none holds non-finite weights; "
+                            f"start again with a lower peak LR (--optim.lr={lower}) or a longer "
+                            "schedule.warmup")
+        raise KilnError(f"{what}; no checkpoint with non-finite weights was written: "
+                        f"{latest} is the last good one; resume from it with a lower peak LR "
+                        f"(the schedule is scaled to it): kiln train {self.run_dir} "
+                        f"--optim.lr={lower}")
 
     @contextmanager
     def _grad_sync(self, sync: bool):
@@ -422,11 +461,8 @@ class Trainer:
                     now = time.perf_counter()
                     dt = max(now - t_log, 1e-9)
                     tps = (self.tokens_seen - tokens_at_log) / dt
+                    self._check_finite()
                     loss_v = all_reduce_mean(loss, self.dist).item()
-                    if not math.isfinite(loss_v):
-                        raise KilnError(
-                            f"loss became {loss_v} at step {self.step}; the last checkpoint is "
-                            "untouched: lower optim.lr or raise schedule.warmup and resume")
                     last = {
                         "step": self.step,
                         "tokens": self.tokens_seen,
@@ -472,6 +508,7 @@ class Trainer:
         return last
 
     def _log_eval(self) -> None:
+        self._check_finite()
         metrics = self.evaluate()
         if metrics is not None:
             self._emit("on_eval", {"step": self.step, "tokens": self.tokens_seen, **metrics})

@@ -325,27 +325,14 @@ def tensor_layout(model_cfg: ModelConfig, arch: str) -> list[tuple[str, str, tup
 # Export
 
 
-def _read_kiln_weights(path: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    import torch
+def _read_kiln_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from kiln import checkpoint as ckpt
 
     if ckpt.is_sharded(path):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        flat = scratch / "full.pt"
-        try:
-            dcp_to_torch_save(str(path / ckpt.SHARDED), str(flat))
-            state = torch.load(flat, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise KilnError(f"cannot read sharded checkpoint {path}: {_one_line(e)}") from e
-        finally:
-            flat.unlink(missing_ok=True)
-        if not isinstance(state, dict) or "model" not in state:
-            raise KilnError(f"sharded checkpoint {path} holds no model state; it is damaged")
-        return state["model"]
+        return ckpt.read_sharded_full(path)["model"]
     try:
         return load_file(str(path / "model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -484,7 +471,7 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
     special = _special_tokens(tok_path, cfg.data.eos_token_id, mc.padded_vocab_size)
 
     with ckpt.staged_folder(out) as staging:
-        state = _read_kiln_weights(path, staging)
+        state = _read_kiln_weights(path)
         hf_state = _kiln_to_hf_state(state, mc, arch, path)
         del state
         dtypes = {t.dtype for t in hf_state.values()}

@@ -110,11 +110,9 @@ weights_only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -136,6 +134,7 @@ from kiln.config import (
     config_from_dict,
 )
 from kiln.errors import KilnError
+from kiln.safeload import load_pt
 from kiln.schedule import LRSchedule, Segment
 
 # OLMo's ModelConfig defaults (ai2-olmo 0.6.0, olmo/config.py): used for fields a config.yaml
@@ -530,25 +529,7 @@ def _load_pt(path: Path, extra_globals: list[tuple[Any, str]] | None = None) -> 
     if not path.is_file():
         raise KilnError(f"{path} does not exist; an OLMo unsharded checkpoint folder holds "
                         "config.yaml, model.pt, optim.pt and train.pt")
-    ctx = (torch.serialization.safe_globals(extra_globals) if extra_globals else
-           contextlib.nullcontext())
-    try:
-        with ctx:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else _one_line(e)[:120]
-        raise KilnError(f"{path} holds a pickled {what}, which kiln does not unpickle (it "
-                        "loads tensors and plain values only); re-save the file without it"
-                        ) from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...
-        raise KilnError(f"cannot read {path} ({_one_line(e)[:200]}): the file is truncated "
-                        "or damaged; copy it again") from None
+    return load_pt(path, extra_globals, mmap=True)
 
 
 def _normalize(name: str, group_size: int) -> str:
