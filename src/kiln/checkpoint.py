@@ -435,8 +435,11 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                            optim_state_dict=state["optim"])
         return
     c = load(path, with_optim=optimizer is not None)
-    check_shapes(c.model, model.state_dict(), path / "model.safetensors", tied=tied)
     msd = dict(c.model)
+    if (tied and "lm_head.weight" in msd and "embed.weight" in msd
+            and torch.equal(msd["lm_head.weight"], msd["embed.weight"])):
+        del msd["lm_head.weight"]  # a tied head stored twice (unsharded by an older kiln)
+    check_shapes(msd, model.state_dict(), path / "model.safetensors", tied=tied)
     if tied and "lm_head.weight" not in msd and "embed.weight" in msd:
         msd["lm_head.weight"] = msd["embed.weight"]
     opts = StateDictOptions(full_state_dict=True)
@@ -479,8 +482,10 @@ def unshard(src: str | Path, out: str | Path) -> Path:
         raise KilnError(f"{src} is not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists():
         raise KilnError(f"{out} exists; choose a new output folder")
-    read_meta(src)
+    _, config = read_meta(src)
     state = read_sharded_full(src)
+    if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
+        state["model"].pop("lm_head.weight", None)
     with staged_folder(out) as staging:
         save_file(dedupe_tied(state["model"]), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
