@@ -34,6 +34,17 @@ VARIANTS = {
                    attention_layer_norm=True, norm_after=True),
         scheduler=dict(name="cosine_with_warmup", t_warmup=3, t_max=20, alpha_f=0.1),
         max_duration=20, steps=5),
+    # the OLMo-2 shape again, with a cosine that ends (t_max) before the run (max_duration),
+    # then holds alpha_f * lr; OLMo then continues 5 more steps on fixed token rows with its
+    # own loss normalisation, saved as a second checkpoint for kiln's continuation to match
+    "olmo2_tmax": dict(
+        model=dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_ratio=4,
+                   vocab_size=60, embedding_size=64, max_sequence_length=16, rope=True,
+                   rope_theta=500000, weight_tying=False, include_bias=False,
+                   layer_norm_type="rms", layer_norm_with_affine=True, layer_norm_eps=1e-6,
+                   attention_layer_norm=True, norm_after=True),
+        scheduler=dict(name="cosine_with_warmup", t_warmup=3, t_max=30, alpha_f=0.1),
+        max_duration=50, steps=5, continue_steps=5),
     # OLMo-1 shape: non-parametric LayerNorm before each sublayer, tied, explicit MLP width
     "olmo1": dict(
         model=dict(d_model=32, n_heads=4, n_layers=2, mlp_hidden_size=96, vocab_size=64,
@@ -123,7 +134,44 @@ def main(root: Path) -> None:
         torch.save({"input_ids": ids, "logits": ref_logits, "global_step": step,
                     "lr": torch.tensor(lrs, dtype=torch.float64)}, out / "reference.pt")
         print(f"wrote {ckpt_dir}: {sorted(p.name for p in ckpt_dir.iterdir())}")
+        if v.get("continue_steps"):
+            continue_like_olmo(cfg, model, ddp, optim, sched, step, v, batch, seq, vocab,
+                               out, trainer_state)
     dist.destroy_process_group()
+
+
+def continue_like_olmo(cfg, model, ddp, optim, sched, step, v, batch, seq, vocab, out,
+                       trainer_state) -> None:
+    """More steps exactly as olmo.train.Trainer takes them (loss summed over the predictions
+    and divided by the batch's tokens, OLMo's own gradient clipping, LR from the scheduler),
+    on fixed rows of `seq` tokens saved as rows.npy; then a second FullCheckpointer save."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from olmo.checkpoint import FullCheckpointer
+
+    model.train()
+    rows = torch.randint(0, vocab, (batch, seq))
+    np.save(out / "rows.npy", rows.numpy().astype(np.uint16).reshape(-1))
+    for _ in range(v["continue_steps"]):
+        step += 1
+        logits = ddp(input_ids=rows).logits[..., :-1, :].contiguous()
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), rows[..., 1:].reshape(-1),
+                             reduction="sum") / rows.numel()
+        ce.backward()
+        for g in optim.param_groups:
+            g["lr"] = sched.get_lr(cfg.optimizer.learning_rate, step, v["max_duration"])
+            g["max_grad_norm"] = cfg.max_grad_norm
+            g["max_grad_norm_ratio"] = None
+        optim.clip_grads_and_collect_metrics(step, collect_param_metrics=False)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    ckpt_dir = out / f"continued-step{step}-unsharded"
+    state = dict(trainer_state, global_step=step, unsharded_checkpoints=[ckpt_dir],
+                 global_train_tokens_seen=trainer_state["global_train_tokens_seen"]
+                 + v["continue_steps"] * batch * seq)
+    FullCheckpointer(cfg).save_checkpoint(ckpt_dir, ddp, optim, state)
+    print(f"wrote {ckpt_dir}")
 
 
 if __name__ == "__main__":

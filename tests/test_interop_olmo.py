@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from kiln.interop.olmo import (
 )
 from kiln.model import Transformer
 from kiln.schedule import LRSchedule
+from kiln.start import plan_start
 from kiln.trainer import Trainer
 
 REAL = Path(__file__).parent / "data" / "olmo"  # written by OLMo itself (make_olmo_checkpoints.py)
@@ -183,6 +186,59 @@ def test_continued_run_has_olmos_moments_step_and_lr(pydoc_tokens, tmp_path):
     trainer.fit()
     assert [s for s, _ in lrs] == [step + 1, step + 2]
     assert [lr for _, lr in lrs] == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)])
+
+
+def test_olmo_run_whose_cosine_ends_before_the_run_continues_on_olmos_curve(tmp_path):
+    """OLMo wrote step5 of a run with t_max=30 < max_duration=50, then took 5 more steps on
+    fixed rows (tests/make_olmo_checkpoints.py). kiln continues the import on the same rows:
+    the LR is OLMo's at every step (cosine to 30, flat to 50), the run ends at 50, and after
+    5 steps the weights are OLMo's."""
+    src = REAL / "olmo2_tmax"
+    ref = torch.load(src / "reference.pt", weights_only=True)
+    out = import_olmo(src / "step5-unsharded", tmp_path / "kiln")
+    olmo10 = ckpt.load(import_olmo(src / "continued-step10-unsharded", tmp_path / "olmo10"))
+    raw = yaml.safe_load((out / "config.yaml").read_text())  # the converted OLMo config
+    assert raw["optim"]["loss_norm"] == "window"
+    assert (raw["data"]["seq_len"], raw["data"]["stride"]) == (15, 16)  # OLMo's 16-token rows
+    raw["data"].update(paths=[str(src / "rows.npy")], prefetch=2)
+    raw["trainer"].update(run_dir=str(tmp_path / "run"), device="cpu")
+    raw["checkpoint"].update(interval=0, save_final=False)
+    raw["log"].update(console=False, interval=1)
+    raw["init"]["from"] = str(out)
+    cfg = config_from_dict(raw)
+    planned = plan_start(cfg).schedule  # what --dry-run and `kiln schedule` show
+    trainer = Trainer(cfg)
+    assert trainer.numbers.stop_step == 50  # OLMo's max_duration, not t_max
+    lrs, at10 = {}, {}
+
+    class Record(Callback):
+        def on_log(self, t, metrics):
+            lrs[metrics["step"]] = metrics["lr"]
+            if metrics["step"] == 10:
+                at10.update({k: v.detach().clone() for k, v in t.module.state_dict().items()})
+
+    trainer.callbacks.append(Record())
+    trainer.fit()
+    assert sorted(lrs) == list(range(6, 51))
+    for s in range(6, 51):
+        want = float(ref["lr"][s - 1])
+        assert lrs[s] == pytest.approx(want, rel=1e-12), s
+        assert planned.lr(s) == pytest.approx(want, rel=1e-12), s
+    assert lrs[50] == lrs[31] == pytest.approx(1e-3)  # alpha_f * lr, held after t_max
+    worst = max((at10[k] - v).abs().max().item() for k, v in olmo10.model.items())
+    assert worst <= 1e-6, worst
+
+
+def test_dry_run_of_an_olmo_continuation_names_the_flat_tail(tmp_path):
+    src = REAL / "olmo2_tmax"
+    out = import_olmo(src / "step5-unsharded", tmp_path / "kiln")
+    done = subprocess.run(
+        [sys.executable, "-m", "kiln", "train", str(out / "config.yaml"), f"--init.from={out}",
+         f"--data.paths=[{src / 'rows.npy'}]", f"--trainer.run_dir={tmp_path / 'run'}",
+         "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ("the source's schedule continues unchanged; it ends at step 30 and holds 0.001 to "
+            "step 50") in done.stdout
 
 
 @pytest.mark.parametrize("variant", ["olmo2", "olmo1", "bias_groups"])

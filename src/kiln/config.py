@@ -175,6 +175,12 @@ class OptimConfig:
     """Max global gradient norm; 0 disables clipping."""
     z_loss: float = 0.0
     """Weight of the z-loss (logsumexp(logits)^2) added to the cross entropy; 0 disables."""
+    loss_norm: Literal["predictions", "window"] = "predictions"
+    """What the summed loss of a batch is divided by: "predictions", the number of predicted
+    tokens (a plain mean); "window", every token of the windows (seq_len + 1 per window,
+    counting the last one, which predicts nothing), as OLMo does: the loss and the unclipped
+    update are then seq_len / (seq_len + 1) times the mean's. Imported OLMo runs use "window"
+    so that they continue step for step; the logged loss is the plain mean either way."""
 
 
 @dataclass

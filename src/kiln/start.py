@@ -237,10 +237,14 @@ def _plan_init(cfg: Config) -> StartPlan:
         schedule = LRSchedule(history + fresh.segments, warmup_end=fresh.warmup_end)
         notes.append(f"  schedule: restarted (schedule.restart=true): warmup to {peak:.3g} "
                      f"over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at step {end:,}")
-    elif (init.load_schedule_position and base.end == end and src.optim.lr == peak
-          and src.schedule == cfg.schedule):
+    elif (init.load_schedule_position and end == int(trainer.get("total_steps", base.end))
+          and src.optim.lr == peak and src.schedule == cfg.schedule):
+        # the source run goes on to the end it was planned for: its own curve, unchanged
+        # (an imported OLMo schedule may end before the run does, then hold its last LR)
         schedule = base
-        notes.append("  schedule: the source's schedule continues unchanged")
+        tail = (f"; it ends at step {base.end:,} and holds {base.lr(base.end):.3g} to step "
+                f"{end:,}" if base.end < end else "")
+        notes.append(f"  schedule: the source's schedule continues unchanged{tail}")
     else:
         schedule = base.relay(step, end=end, peak=peak, final=final, cfg=cfg.schedule)
         if base.warmup_end > step:

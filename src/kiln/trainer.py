@@ -280,6 +280,9 @@ class Trainer:
         if self.cfg.optim.z_loss > 0:
             z = torch.logsumexp(logits, dim=-1)
             loss = ce + self.cfg.optim.z_loss * (z * z).mean()
+        if self.cfg.optim.loss_norm == "window":  # sum over predictions / window tokens
+            seq = targets.size(-1)
+            loss = loss * (seq / (seq + 1))
         return loss, ce
 
     def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,8 @@ default)::
     model.vocab_size                          model.vocab_size
     model.embedding_size                      model.pad_vocab_multiple, chosen so that
                                               padded_vocab_size == embedding_size
-    model.max_sequence_length                 model.max_seq_len, data.seq_len
+    model.max_sequence_length (T)             model.max_seq_len = T; data.seq_len = T - 1 and
+                                              data.stride = T (OLMo's rows, back to back)
     model.rope_theta                          model.rope_theta
     model.layer_norm_eps                      model.norm_eps
     model.layer_norm_type default|low_precision
@@ -68,12 +69,14 @@ default)::
     optimizer.no_decay_norm_and_bias (legacy) both of the above = not it (as OLMo's train.py)
     max_grad_norm                             optim.grad_clip (null: 0, no clipping)
     softmax_auxiliary_loss                    optim.z_loss = auxiliary_loss_multiplier (else 0)
+    (loss summed, divided by B x T tokens)    optim.loss_norm = window
     scheduler cosine_with_warmup              schedule cosine, warmup t_warmup, final_lr_fraction
               linear_with_warmup              alpha_f (linear); constant; constant_with_warmup
               constant, constant_with_warmup  -> constant with warmup. trainer.json gets OLMo's
                                               exact curve as segments: warmup from warmup_min_lr
                                               (default 0.1 x lr) to lr over t_warmup, then the
-                                              decay to alpha_f x lr at t_max (or max_duration)
+                                              decay to alpha_f x lr at t_max (or max_duration),
+                                              then held to max_duration
     scheduler.units tokens                    converted to steps when t_warmup / t_max are whole
                                               multiples of tokens_per_step
     global_train_batch_size                   trainer.global_batch_size
@@ -401,7 +404,8 @@ def _convert(olmo_cfg: dict[str, Any], step: int = 0, tokens: int = 0) -> Conver
     optim = OptimConfig(lr=lr, betas=betas, eps=float(o["eps"]),
                         weight_decay=float(o["weight_decay"]), decay_norms_and_biases=decay_nb,
                         decay_embeddings=decay_emb,
-                        grad_clip=float(t["max_grad_norm"] or 0.0), z_loss=z_loss)
+                        grad_clip=float(t["max_grad_norm"] or 0.0), z_loss=z_loss,
+                        loss_norm="window")
 
     # -- counters, duration, schedule
     gbs = int(t["global_train_batch_size"])
@@ -417,8 +421,10 @@ def _convert(olmo_cfg: dict[str, Any], step: int = 0, tokens: int = 0) -> Conver
     micro = int(t["device_train_microbatch_size"] or 8)
     micro = math.gcd(gbs, micro) if gbs % micro else micro
     precision = str(t["precision"] or "")
-    data = DataConfig(seq_len=mc.max_seq_len, eos_token_id=int(m["eos_token_id"]),
-                      dtype=_data_dtype(olmo_cfg))
+    # OLMo's instances are max_sequence_length tokens, back to back; kiln's windows are
+    # seq_len + 1 tokens, stride apart: the same rows
+    data = DataConfig(seq_len=mc.max_seq_len - 1, stride=mc.max_seq_len,
+                      eos_token_id=int(m["eos_token_id"]), dtype=_data_dtype(olmo_cfg))
     trainer = TrainerConfig(global_batch_size=gbs, micro_batch_size=micro,
                             max_duration=Duration(float(max(total, 1)), "steps"),
                             seed=int(t["seed"] if t["seed"] is not None else 0),
