@@ -300,3 +300,17 @@ def test_refusals_are_one_line_and_change_no_checkpoint(two_corpora, tmp_path):
     assert_one_line_error(out, "data.paths differ", "init.from")
     assert snapshot(tmp_path / "A") == before
     np.testing.assert_equal(len(ckpt.list_checkpoints(tmp_path / "A")), 2)
+
+
+def test_dry_run_of_a_resume_says_a_changed_schedule_is_not_applied(pydoc_tokens, tmp_path):
+    from test_cli import write_config
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 12, "hard_stop": 3})
+    assert kiln("train", config).returncode == 0
+    out = kiln("train", run, "--schedule.warmup=5", "--optim.lr=1e-3", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert ("schedule: changed since the checkpoint (schedule.warmup), but a resume keeps the "
+            "saved schedule") in out.stdout
+    assert "optim.lr changed 0.003 -> 0.001: every LR after step 3" in out.stdout

@@ -50,3 +50,15 @@ def test_schedule_round_trips_through_state_dict():
     t = LRSchedule([])
     t.load_state_dict(s.state_dict())
     assert [t.lr(i) for i in range(1, 120)] == [s.lr(i) for i in range(1, 120)]
+
+
+def test_scaling_the_rest_of_a_schedule_keeps_the_past_and_scales_the_future_exactly():
+    cfg = ScheduleConfig(name="cosine", final_lr_fraction=0.1)
+    s = LRSchedule.build(cfg, 1e-2, 100, 10)
+    for at in (5, 40):  # inside the warmup and part-way along the cosine
+        scaled = s.scaled_after(at, 0.25)
+        assert all(scaled.lr(k) == s.lr(k) for k in range(1, at + 1))
+        assert all(scaled.lr(k) == pytest.approx(0.25 * s.lr(k), rel=1e-12)
+                   for k in range(at + 1, 121))
+        again = LRSchedule.from_state(scaled.state_dict())  # saved and read back
+        assert all(again.lr(k) == scaled.lr(k) for k in range(1, 121))

@@ -138,6 +138,12 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
         notes.append(f"micro-batch changed {saved.trainer.micro_batch_size} -> "
                      f"{cfg.trainer.micro_batch_size}: only gradient accumulation changes")
 
+    if cfg.schedule != saved.schedule:
+        changed = ", ".join(f"schedule.{k}" for k in vars(cfg.schedule)
+                            if getattr(cfg.schedule, k) != getattr(saved.schedule, k))
+        notes.append(f"schedule: changed since the checkpoint ({changed}), but a resume keeps "
+                     "the saved schedule: --extend-to=END lays a new tail, or start a new run "
+                     "with --init.from and --schedule.restart=true")
     if cfg.optim.lr != saved.optim.lr and saved.optim.lr > 0:
         factor = cfg.optim.lr / saved.optim.lr
         schedule = schedule.scaled_after(step, factor)
