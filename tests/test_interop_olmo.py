@@ -128,7 +128,9 @@ def test_config_mapping():
     assert cfg.schedule.warmup.value == 2000
     assert cfg.trainer.global_batch_size == 512 and cfg.trainer.micro_batch_size == 8
     assert cfg.trainer.max_duration.value == 476838  # ceil(1e12 / (512 * 4096)) steps
-    assert (cfg.data.seq_len, cfg.data.eos_token_id, cfg.data.dtype) == (4096, 50279, "uint32")
+    assert (cfg.data.seq_len, cfg.data.stride) == (4095, 4096)  # OLMo's 4096-token rows
+    assert (cfg.data.eos_token_id, cfg.data.dtype, cfg.optim.loss_norm) == (50279, "uint32",
+                                                                            "window")
     # OLMo-1 style: non-parametric LayerNorm, tied, mlp_ratio convention kept
     ref_cfg["model"].update(layer_norm_type="default", layer_norm_with_affine=False,
                             attention_layer_norm=False, norm_after=False, weight_tying=True,

@@ -97,13 +97,25 @@ def test_deleted_checkpoints_start_over_but_keep_the_metrics_history(pydoc_token
 # -- damaged checkpoints -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def six_steps(pydoc_tokens, tmp_path) -> tuple[Path, Path]:
-    run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+@pytest.fixture(scope="module")
+def trained_six(pydoc_tokens, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("six")
+    run = root / "run"
+    config = write_config(root / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 12, "hard_stop": 6})
     assert kiln("train", config).returncode == 0
-    return config, run
+    return run
+
+
+@pytest.fixture
+def six_steps(trained_six, tmp_path) -> tuple[None, Path]:
+    """A run stopped at step 6 of 12 (checkpoints at 3 and 6), copied for one test; its saved
+    config points at the copy."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_six, run)
+    for cfg_file in [run / "config.yaml", *run.glob("checkpoints/step*/config.yaml")]:
+        cfg_file.write_text(cfg_file.read_text().replace(str(trained_six), str(run)))
+    return None, run
 
 
 def test_missing_weights_in_latest_are_refused_not_replaced(six_steps):

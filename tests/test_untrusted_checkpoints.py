@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,13 @@ def commands(run: Path, config: Path, out: Path) -> dict[str, list]:
     }
 
 
+def run_all(named: dict[str, list]) -> dict:
+    """Run independent `kiln` commands two at a time (each is mostly torch's import)."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(kiln, *args) for name, args in named.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
 def assert_safe(out, marker: Path, needle: str, may_succeed: bool = False) -> None:
     assert not marker.exists(), "the pickled payload ran"
     if out.returncode == 0 and may_succeed:
@@ -87,8 +95,7 @@ def test_malicious_dcp_metadata_is_never_unpickled(runs, tmp_path, variant):
     (step / "dcp").mkdir(exist_ok=True)
     (step / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     before = snapshot(run)
-    for name, args in commands(run, runs["config"], tmp_path / "out").items():
-        out = kiln(*args)
+    for name, out in run_all(commands(run, runs["config"], tmp_path / "out")).items():
         # schedule reads metadata only; it may show the saved schedule without the weights
         assert_safe(out, marker, "dcp/.metadata", may_succeed=name in ("schedule",))
         if out.returncode != 0:
@@ -113,9 +120,9 @@ def test_malicious_item_inside_a_sharded_checkpoint_is_never_unpickled(runs, tmp
     state["optim"]["param_groups"][0]["lr"] = Payload(marker)
     shutil.rmtree(folder)
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
-    for name in ("export hf", "checkpoint unshard", "resume", "train --init.from"):
-        args = commands(run, runs["config"], tmp_path / "out")[name]
-        out = kiln(*args)
+    every = commands(run, runs["config"], tmp_path / "out")
+    chosen = ("export hf", "checkpoint unshard", "resume", "train --init.from")
+    for name, out in run_all({name: every[name] for name in chosen}).items():
         assert_safe(out, marker, "optim.param_groups.0.lr", may_succeed=name == "export hf")
         if out.returncode != 0:
             assert str(folder) in out.stderr
@@ -127,8 +134,8 @@ def test_malicious_optimizer_or_rng_file_is_refused(runs, tmp_path, part):
     marker = tmp_path / "PWNED"
     torch.save(Payload(marker), run / "checkpoints" / "step6" / part)
     before = snapshot(run)
-    for name in ("resume", "train --init.from"):
-        out = kiln(*commands(run, runs["config"], tmp_path / "out")[name])
+    every = commands(run, runs["config"], tmp_path / "out")
+    for name, out in run_all({n: every[n] for n in ("resume", "train --init.from")}).items():
         needle = f"step6/{part}"
         if name == "train --init.from" and part == "rng.pt":  # a new run needs no RNG state
             assert_safe(out, marker, needle, may_succeed=True)
