@@ -14,10 +14,10 @@ from kiln.errors import KilnError
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from kiln.config import config_file_for, load_config
+    from kiln.config import load_run_config
     from kiln.start import parse_extend_to
 
-    cfg = load_config(config_file_for(args.config), overrides)
+    cfg = load_run_config(args.config, overrides)
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
         return dry_run(cfg, extend_to, args.extend_shape)
@@ -74,7 +74,7 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
 
 def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     from kiln import checkpoint as ckpt
-    from kiln.config import config_file_for, load_config
+    from kiln.config import load_run_config
     from kiln.plot import plot_schedule
     from kiln.schedule import LRSchedule
     from kiln.start import parse_extend_to, plan_start
@@ -87,7 +87,7 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
         schedule, current = LRSchedule.from_state(trainer["schedule"]), int(trainer["step"])
         out_default, notes = target / "lr.png", []
     else:
-        cfg = load_config(config_file_for(args.target), overrides)
+        cfg = load_run_config(args.target, overrides)
         plan = plan_start(cfg, extend_to, args.extend_shape)
         schedule, notes = plan.schedule, plan.notes
         current = plan.step if plan.kind != "new" else None

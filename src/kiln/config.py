@@ -563,8 +563,33 @@ def config_file_for(arg: str) -> str:
     return arg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file and apply ``--dot.path=value`` overrides."""
+def load_run_config(arg: str, overrides: list[str] | None = None) -> Config:
+    """The config of `kiln train CONFIG|RUN_DIR` (and of commands that take the same).
+
+    A run directory is the run: its saved config.yaml, with trainer.run_dir set to that very
+    directory, whatever was saved (a saved relative path means nothing from elsewhere, and a
+    copied or moved run must resume itself, not the original). A config.yaml that sits in a
+    run directory but names another run_dir is refused: the user meant this run, or must say
+    which with --trainer.run_dir."""
+    p = Path(arg)
+    explicit = any(k == "trainer.run_dir" for k, _ in parse_overrides(overrides or []))
+    if p.is_dir():
+        path = config_file_for(arg)
+        return load_config(path, overrides, run_dir=None if explicit else str(p))
+    cfg = load_config(arg, overrides)
+    home = p.parent
+    if (not explicit and p.name == "config.yaml" and (home / "checkpoints").is_dir()
+            and Path(cfg.trainer.run_dir).resolve() != home.resolve()):
+        raise KilnError(f"{p} belongs to the run in {home}, but its trainer.run_dir is "
+                        f"{cfg.trainer.run_dir!r}: run `kiln train {home}` to go on with this "
+                        f"run, or add --trainer.run_dir=... to choose")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                run_dir: str | None = None) -> Config:
+    """Read a YAML config file and apply ``--dot.path=value`` overrides (`run_dir`, when
+    given, replaces the file's trainer.run_dir before the overrides)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -576,6 +601,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise KilnError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    if run_dir is not None and isinstance(raw, dict):
+        trainer = raw.setdefault("trainer", {})
+        if isinstance(trainer, dict):
+            trainer["run_dir"] = run_dir
     return config_from_dict(raw, parse_overrides(overrides or []))
 
 

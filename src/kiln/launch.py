@@ -75,7 +75,7 @@ def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides:
     sbatch was called in (sbatch exports it to the job). `workdir` (default: the current
     directory) is where the job runs, so relative paths in the config mean what they mean here.
     """
-    from kiln.config import config_file_for, load_config
+    from kiln.config import load_run_config
 
     if nodes < 1:
         raise KilnError(f"--nodes={nodes}: a job needs at least 1 node")
@@ -87,7 +87,7 @@ def slurm_script(config_path: str, *, nodes: int, gpus_per_node: int, overrides:
     if not 1 <= port <= 65535:
         raise KilnError(f"--port={port} is not a TCP port (1-65535)")
     overrides = list(overrides)
-    cfg = load_config(config_file_for(config_path), overrides)
+    cfg = load_run_config(config_path, overrides)
 
     world = nodes * gpus_per_node
     t = cfg.trainer
@@ -301,9 +301,9 @@ def run_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account,
         port=args.port, python=args.python, extra_sbatch=args.sbatch,
         cpus_per_task=args.cpus_per_task)
-    from kiln.config import config_file_for, load_config
+    from kiln.config import load_run_config
 
-    run_dir = Path(load_config(config_file_for(args.config), overrides).trainer.run_dir)
+    run_dir = Path(load_run_config(args.config, overrides).trainer.run_dir)
     note = _torchrun_note()
     if note:
         print(f"kiln: note: {note}", file=sys.stderr)

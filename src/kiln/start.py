@@ -89,6 +89,22 @@ def check_model_shape(cfg: Config, source: Path) -> None:
 def plan_start(cfg: Config, extend_to: Duration | None = None,
                extend_shape: str = "cosine") -> StartPlan:
     """Decide how this run starts (see the module docstring). Reads metadata only."""
+    plan = _plan_start(cfg, extend_to, extend_shape)
+    hard = cfg.trainer.hard_stop
+    if hard is not None:
+        at = hard.to_steps(run_numbers(cfg).tokens_per_step)
+        if at < plan.step:
+            raise KilnError(f"trainer.hard_stop={hard} (step {at:,}) is before the current step "
+                            f"{plan.step:,} of {cfg.trainer.run_dir}; give a later hard stop, or "
+                            "--trainer.hard_stop=null to train to the end")
+        if at == plan.step and plan.step < plan.total_steps:
+            plan.notes.append(f"hard stop: trainer.hard_stop={hard} is the current step "
+                              f"{plan.step:,}: nothing to train (--trainer.hard_stop=null trains "
+                              "to the end)")
+    return plan
+
+
+def _plan_start(cfg: Config, extend_to: Duration | None, extend_shape: str) -> StartPlan:
     n = run_numbers(cfg)
     latest = ckpt.latest_checkpoint(cfg.trainer.run_dir)
     if latest is not None:

@@ -190,7 +190,7 @@ class Trainer:
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (self.run_dir / "config.yaml").write_text(self.saved_config_yaml())
             self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
                                                       truncate_after=self.step))
             if cfg.log.console:
@@ -198,6 +198,11 @@ class Trainer:
             self.callbacks.extend(callbacks or [])
 
     # -- state -------------------------------------------------------------------------------
+
+    def saved_config_yaml(self) -> str:
+        """The config saved with the run: a hard stop belongs to one invocation, so it is not
+        saved (a plain `kiln train RUN_DIR` then trains on to the end)."""
+        return replace(self.cfg, trainer=replace(self.cfg.trainer, hard_stop=None)).to_yaml()
 
     def trainer_state(self) -> dict:
         return {
@@ -250,7 +255,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        common = dict(trainer=self.trainer_state(), config_yaml=self.cfg.to_yaml(), rng=rng,
+        common = dict(trainer=self.trainer_state(), config_yaml=self.saved_config_yaml(), rng=rng,
                       tokenizer=self.tokenizer_path, keep_last=self.cfg.checkpoint.keep_last)
         final = ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
         if self.sharded_checkpoints:

@@ -1,0 +1,86 @@
+"""`kiln train RUN_DIR` means that directory, from anywhere, also for a copied or moved run;
+a hard stop belongs to one invocation (real `kiln` processes)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import assert_one_line_error, kiln, snapshot, write_config
+
+OVER = dict(trainer={"max_duration": 12, "eval_interval": 0}, checkpoint={"interval": 3})
+
+
+def weights(run: Path, step: int = 12) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step{step}" / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(pydoc_tokens, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted 12-step run, and a run stopped at step 6 whose config names its
+    run_dir relative to the directory it was started from."""
+    root = tmp_path_factory.mktemp("paths")
+    config = write_config(root / "c.yaml", pydoc_tokens, root / "ref", **OVER)
+    assert kiln("train", config).returncode == 0
+    (root / "work").mkdir()
+    out = kiln("train", config, "--trainer.run_dir=runs/half", "--trainer.hard_stop=6",
+               cwd=root / "work")
+    assert out.returncode == 0, out.stderr
+    return {"ref": root / "ref", "half": root / "work" / "runs" / "half", "config": config}
+
+
+def test_resume_by_absolute_path_from_another_directory(runs, tmp_path):
+    run = tmp_path / "half"
+    shutil.copytree(runs["half"], run)  # its config.yaml still says run_dir: runs/half
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = kiln("train", run.resolve(), cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert not (elsewhere / "runs").exists()
+    assert_same(weights(run), weights(runs["ref"]))
+
+
+def test_a_copied_run_advances_and_the_original_is_untouched(runs, tmp_path):
+    original = tmp_path / "runs" / "half"
+    shutil.copytree(runs["half"], original)
+    copy = tmp_path / "runs" / "half-copy"
+    shutil.copytree(original, copy)
+    before = snapshot(original)
+    dry = kiln("train", copy, "--dry-run", cwd=tmp_path)
+    assert f"start: resume {copy}" in dry.stdout or "start: resume runs/half-copy" in dry.stdout
+    out = kiln("train", "runs/half-copy", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert snapshot(original) == before
+    assert_same(weights(copy), weights(runs["ref"]))
+    # the copy's config.yaml, named as a file, would still point at the original: refused
+    out = kiln("train", copy / "config.yaml", "--dry-run")
+    assert_one_line_error(out, "belongs to the run in", f"kiln train {copy}")
+
+
+def test_a_moved_run_resumes_itself(runs, tmp_path):
+    moved = tmp_path / "somewhere" / "else"
+    moved.parent.mkdir()
+    shutil.copytree(runs["half"], moved)
+    out = kiln("train", moved)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
+    assert_same(weights(moved), weights(runs["ref"]))
+
+
+def test_a_hard_stop_is_not_carried_into_the_next_invocation(runs, tmp_path):
+    run = tmp_path / "half"
+    shutil.copytree(runs["half"], run)
+    late = kiln("train", run, "--trainer.hard_stop=3", "--dry-run")
+    assert_one_line_error(late, "trainer.hard_stop", "before the current step 6",
+                          "--trainer.hard_stop=null")
+    out = kiln("train", run)  # plain resume: trains on to the end
+    assert out.returncode == 0, out.stderr
+    assert "steps 6 -> 12 of 12" in out.stdout
+    assert_same(weights(run), weights(runs["ref"]))
