@@ -84,3 +84,27 @@ def test_a_hard_stop_is_not_carried_into_the_next_invocation(runs, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "steps 6 -> 12 of 12" in out.stdout
     assert_same(weights(run), weights(runs["ref"]))
+
+
+def test_init_from_at_twice_the_batch_carries_the_warmup_over_in_tokens(pydoc_tokens, tmp_path):
+    from kiln.config import load_run_config
+    from kiln.start import plan_start
+
+    src = tmp_path / "src"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, src, schedule={"warmup": 20},
+                          trainer={"max_duration": 40, "hard_stop": 10, "eval_interval": 0,
+                                   "global_batch_size": 8})
+    assert kiln("train", config).returncode == 0  # stopped at step 10 of a 20-step warmup
+    args = [f"--init.from={src}", f"--trainer.run_dir={tmp_path / 'new'}",
+            "--trainer.global_batch_size=16", "--trainer.hard_stop=null"]
+    dry = kiln("train", config, *args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "the source took 8 x 32 = 256 tokens per step, this run takes 16 x 32 = 512" in \
+        dry.stdout
+    plan = plan_start(load_run_config(str(config), args))
+    # 10 steps x 256 tokens of warmup were left: 2,560 tokens, 5 steps of 512
+    peak, start_lr = 3e-3, 3e-3 * 10 / 20
+    for k in range(1, 6):
+        want = start_lr + (peak - start_lr) * (k * 512) / 2560
+        assert plan.schedule.lr(10 + k) == pytest.approx(want, rel=1e-12), k
+    assert plan.schedule.warmup_end == 15

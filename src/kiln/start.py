@@ -228,6 +228,15 @@ def _plan_init(cfg: Config) -> StartPlan:
     src_sched = LRSchedule.from_state(trainer["schedule"])
     peak = cfg.optim.lr
     final = peak * cfg.schedule.final_lr_fraction
+    src_tps = int(trainer.get("tokens_per_step") or
+                  src.trainer.global_batch_size * src.data.seq_len)
+    batch_changed = src_tps != n.tokens_per_step
+    if batch_changed:
+        notes.append(f"  global batch: the source took {src.trainer.global_batch_size} x "
+                     f"{src.data.seq_len} = {src_tps:,} tokens per step, this run takes "
+                     f"{cfg.trainer.global_batch_size} x {cfg.data.seq_len} = "
+                     f"{n.tokens_per_step:,}: what is left of the source's warmup is carried "
+                     "over in tokens")
     if init.load_schedule_position:
         step, tokens = src_step, src_tokens
         notes.append(f"  counters: step and tokens continue from {step:,} / {tokens:,} "
@@ -239,6 +248,9 @@ def _plan_init(cfg: Config) -> StartPlan:
         notes.append("  counters: step and tokens start at 0 "
                      "(init.load_schedule_position=false)")
         base = src_sched.shifted(-src_step)
+    if batch_changed and base.warmup_end > step:  # the same tokens of warmup, in new steps
+        left = (base.warmup_end - step) * src_tps
+        base = LRSchedule(base.segments, warmup_end=step + math.ceil(left / n.tokens_per_step))
     end = n.total_steps
     if end <= step:
         raise KilnError(
@@ -259,7 +271,8 @@ def _plan_init(cfg: Config) -> StartPlan:
         schedule = LRSchedule(history + fresh.segments, warmup_end=fresh.warmup_end)
         notes.append(f"  schedule: restarted (schedule.restart=true): warmup to {peak:.3g} "
                      f"over {warm:,} steps, {cfg.schedule.name} to {final:.3g} at step {end:,}")
-    elif (init.load_schedule_position and end == int(trainer.get("total_steps", base.end))
+    elif (init.load_schedule_position and not batch_changed
+          and end == int(trainer.get("total_steps", base.end))
           and src.optim.lr == peak and src.schedule == cfg.schedule):
         # the source run goes on to the end it was planned for: its own curve, unchanged
         # (an imported OLMo schedule may end before the run does, then hold its last LR)
@@ -270,8 +283,9 @@ def _plan_init(cfg: Config) -> StartPlan:
     else:
         schedule = base.relay(step, end=end, peak=peak, final=final, cfg=cfg.schedule)
         if base.warmup_end > step:
-            carried = (f"the remaining {base.warmup_end - step:,} warmup steps carried over "
-                       f"(warmup ends at step {base.warmup_end:,}), then ")
+            left = (base.warmup_end - step) * n.tokens_per_step
+            carried = (f"the remaining {base.warmup_end - step:,} warmup steps ({left:,} "
+                       f"tokens) carried over (warmup ends at step {base.warmup_end:,}), then ")
         else:
             carried = ""
         notes.append(f"  schedule: continues from the source's LR {base.lr(step):.3g}: {carried}"
