@@ -108,3 +108,48 @@ def test_init_from_at_twice_the_batch_carries_the_warmup_over_in_tokens(pydoc_to
         want = start_lr + (peak - start_lr) * (k * 512) / 2560
         assert plan.schedule.lr(10 + k) == pytest.approx(want, rel=1e-12), k
     assert plan.schedule.warmup_end == 15
+
+
+# -- smaller ones found on the same path -------------------------------------------------------
+
+
+def test_null_restores_the_presets_value_and_nulls_an_optional_field():
+    from kiln.config import config_from_dict, parse_overrides, preset_model
+
+    raw = {"model": {"preset": "tiny", "vocab_size": 512, "mlp_hidden_size": 96}}
+    cfg = config_from_dict(raw, parse_overrides(["--model.vocab_size=null",
+                                                 "--model.mlp_hidden_size=null"]))
+    assert cfg.model.vocab_size == preset_model("tiny").vocab_size
+    assert cfg.model.mlp_hidden_size is None
+
+
+def test_dry_run_counts_epochs_from_tokens_seen_and_warns_of_many(pydoc_tokens, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 12, "hard_stop": 6, "eval_interval": 6})
+    first = kiln("train", config)
+    assert first.returncode == 0
+    loss_line = next(line for line in first.stdout.splitlines() if "final val_loss" in line)
+    val, entropy = (float(x) for x in
+                    __import__("re").findall(r"(\d+\.\d+) nats", loss_line)[:2])
+    assert ("above it" if val > entropy else "below it") in loss_line and "-" not in loss_line
+    dry = kiln("train", run, "--trainer.global_batch_size=16", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    windows = int(__import__("re").search(r"([\d,]+) windows of 33", dry.stdout)
+                  .group(1).replace(",", ""))
+    want = (6 * 8 * 32 + 6 * 16 * 32) / (windows * 32)  # 6 steps at 8, then 6 at 16
+    assert f"epochs for the run    {want:.2f}" in dry.stdout
+    assert "WARNING: this run goes over" not in dry.stdout
+    many = kiln("train", config, f"--trainer.run_dir={tmp_path / 'long'}",
+                "--trainer.max_duration=1e6", "--trainer.hard_stop=null", "--dry-run")
+    assert "WARNING: this run goes over its training data" in many.stdout
+
+
+def test_prepare_says_how_many_empty_records_it_skipped(tmp_path):
+    corpus = tmp_path / "six.jsonl"
+    corpus.write_text('{"text": "hello world"}\n{"text": ""}\n{"text": "  "}\n'
+                      '{"text": "more words here"}\n{"text": "\\n"}\n{"text": "x y"}\n')
+    out = kiln("prepare", corpus, "--out", tmp_path / "tok", "--vocab-size", "300",
+               "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "Prepared 3 documents (3 empty records skipped)" in out.stdout

@@ -58,8 +58,10 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
         console.print(note, markup=False)
     console.print("[bold]# derived numbers[/bold]")
     lines, warnings = plan_lines(cfg, plan=plan)
-    lines += data_lines(cfg, len(train), None if val is None else len(val),
-                        sum(len(f) for f in files), len(files))
+    more, data_warnings = data_lines(cfg, len(train), None if val is None else len(val),
+                                     sum(len(f) for f in files), len(files), plan=plan)
+    lines += more
+    warnings += data_warnings
     for line in lines:
         console.print(line, markup=False)
     for w in warnings:

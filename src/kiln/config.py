@@ -498,7 +498,11 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise KilnError(f"unknown config key {path!r}{hint}")
         hint = typing.get_type_hints(cls)[_ALIASES.get(key, key)]
         if i == len(keys) - 1:
-            node[key] = value
+            optional = type(None) in typing.get_args(hint)
+            if value is None and not optional:  # null restores the preset's or the default
+                node.pop(key, None)
+            else:
+                node[key] = value
             return
         inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
         cls = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)

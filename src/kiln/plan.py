@@ -52,11 +52,24 @@ def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], 
     return lines, warnings
 
 
+MANY_EPOCHS = 4
+"""A run that goes over its training data more often than this is warned about."""
+
+
 def data_lines(cfg: Config, train_windows: int, val_windows: int | None,
-               total_tokens: int, n_files: int) -> list[str]:
+               total_tokens: int, n_files: int, plan=None) -> tuple[list[str], list[str]]:
+    """(lines, loud warnings) about the data; `plan` (a StartPlan) brings the tokens already
+    seen, so a resume after a batch change counts the earlier steps at their own batch."""
     n = run_numbers(cfg)
+    total, stop = n.total_steps, n.stop_step
+    done_steps, done_tokens = 0, 0
+    if plan is not None:
+        total = plan.total_steps
+        stop = total if cfg.trainer.hard_stop is None else min(stop, total)
+        done_steps, done_tokens = plan.step, plan.tokens_seen
     per_epoch = train_windows * cfg.data.seq_len
-    epochs = n.stop_step * n.tokens_per_step / max(per_epoch, 1)
+    tokens = done_tokens + max(stop - done_steps, 0) * n.tokens_per_step
+    epochs = tokens / max(per_epoch, 1)
     out = [
         f"train data            {n_files} file(s), {total_tokens:,} tokens, {train_windows:,} "
         f"windows of {cfg.data.seq_len + 1}",
@@ -64,4 +77,9 @@ def data_lines(cfg: Config, train_windows: int, val_windows: int | None,
     ]
     if val_windows is not None:
         out.append(f"validation windows    {val_windows:,}")
-    return out
+    warnings = []
+    if epochs > MANY_EPOCHS:
+        warnings.append(f"WARNING: this run goes over its training data ~{epochs:,.0f} times "
+                        f"({tokens:,} tokens from {per_epoch:,} per epoch): expect "
+                        "memorisation; add data or shorten trainer.max_duration")
+    return out, warnings

@@ -193,6 +193,7 @@ class _Corpus:
             for text, nbytes in self._records(path):
                 keep = text is not None and bool(text.strip())
                 meter.add(1 if keep else 0, nbytes)
+                meter.skipped += 0 if keep else 1
                 if keep:
                     yield text  # type: ignore[misc]
 
@@ -207,6 +208,7 @@ class _Meter:
     def __init__(self, update: Callable[[int, int], None] | None = None) -> None:
         self.docs = 0
         self.bytes = 0
+        self.skipped = 0  # empty or blank records
         self._update = update
         self._pending_bytes = 0
         self._pending_docs = 0
@@ -446,7 +448,7 @@ def prepare(
             if not (tok_path.exists() and tok_path.read_bytes() == tok_bytes):
                 _write_atomic(tok_path, tok_bytes)
     assert writer.meta is not None
-    return writer.meta
+    return {**writer.meta, "skipped_empty": meter.skipped}
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +495,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     origin = "copied from " + str(args.tokenizer) if args.tokenizer else "trained on the inputs"
     n_files = len(meta["sources"])
     print(
-        f"Prepared {meta['documents']:,} documents from {n_files:,} "
+        f"Prepared {meta['documents']:,} documents"
+        + (f" ({meta['skipped_empty']:,} empty records skipped)" if meta.get("skipped_empty")
+           else "")
+        + f" from {n_files:,} "
         f"file{'' if n_files == 1 else 's'}: "
         f"{meta['tokens']:,} tokens ({meta['dtype']}, eos id {meta['eos_token_id']}, largest id "
         f"{meta['max_token_id']:,}) in {seconds:.1f} s ({meta['tokens'] / seconds:,.0f} "
