@@ -228,8 +228,8 @@ def _plan_init(cfg: Config) -> StartPlan:
     src_sched = LRSchedule.from_state(trainer["schedule"])
     peak = cfg.optim.lr
     final = peak * cfg.schedule.final_lr_fraction
-    src_tps = int(trainer.get("tokens_per_step") or
-                  src.trainer.global_batch_size * src.data.seq_len)
+    # in kiln's own count (an imported OLMo run's trainer.json counts OLMo's T per row)
+    src_tps = src.trainer.global_batch_size * src.data.seq_len
     batch_changed = src_tps != n.tokens_per_step
     if batch_changed:
         notes.append(f"  global batch: the source took {src.trainer.global_batch_size} x "
