@@ -21,6 +21,16 @@ def kiln(*args, cwd=None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=300)
 
 
+def kiln_all(named: dict) -> dict:
+    """Run independent `kiln` commands ({name: args}) two at a time (each is mostly torch's
+    import); {name: CompletedProcess}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(kiln, *args) for name, args in named.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
 def snapshot(root: Path) -> dict[str, str]:
     if not root.exists():
         return {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, kiln, snapshot
+from test_cli import assert_one_line_error, kiln, kiln_all, snapshot
 from test_train import final_weights, losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
@@ -289,15 +289,19 @@ def test_refusals_are_one_line_and_change_no_checkpoint(two_corpora, tmp_path):
         (["--model.tie_embeddings=true"], ["separate output head", "tie_embeddings=false"]),
         (["--trainer.max_duration=4"], ["not after the starting step 6"]),
     ]
-    for extra, needles in cases:
-        args = [a if a.startswith("--init.from") else a for a in extra]
+    commands = {}
+    for i, (extra, _) in enumerate(cases):
+        args = list(extra)
         if not any(a.startswith("--init.from") for a in args):
             args = ["--init.from=" + str(tmp_path / "A"), *args]
-        assert_one_line_error(kiln("train", b_cfg, *args), *needles)
-        assert not (tmp_path / "B").exists()
+        commands[i] = ["train", b_cfg, *args]
     # a resumed run whose data changed is told how to switch data properly
-    out = kiln("train", a_cfg, f"--data.paths=[{c2}]")
-    assert_one_line_error(out, "data.paths differ", "init.from")
+    commands["data"] = ["train", a_cfg, f"--data.paths=[{c2}]"]
+    results = kiln_all(commands)
+    for i, (_, needles) in enumerate(cases):
+        assert_one_line_error(results[i], *needles)
+    assert not (tmp_path / "B").exists()
+    assert_one_line_error(results["data"], "data.paths differ", "init.from")
     assert snapshot(tmp_path / "A") == before
     np.testing.assert_equal(len(ckpt.list_checkpoints(tmp_path / "A")), 2)
 

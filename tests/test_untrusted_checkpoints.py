@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, kiln, snapshot, write_config
+from test_cli import assert_one_line_error, kiln, kiln_all, snapshot, write_config
 
 REAL_OLMO = Path(__file__).parent / "data" / "olmo" / "olmo2"
 
@@ -71,13 +70,6 @@ def commands(run: Path, config: Path, out: Path) -> dict[str, list]:
     }
 
 
-def run_all(named: dict[str, list]) -> dict:
-    """Run independent `kiln` commands two at a time (each is mostly torch's import)."""
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(kiln, *args) for name, args in named.items()}
-    return {name: f.result() for name, f in futures.items()}
-
-
 def assert_safe(out, marker: Path, needle: str, may_succeed: bool = False) -> None:
     assert not marker.exists(), "the pickled payload ran"
     if out.returncode == 0 and may_succeed:
@@ -95,7 +87,7 @@ def test_malicious_dcp_metadata_is_never_unpickled(runs, tmp_path, variant):
     (step / "dcp").mkdir(exist_ok=True)
     (step / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     before = snapshot(run)
-    for name, out in run_all(commands(run, runs["config"], tmp_path / "out")).items():
+    for name, out in kiln_all(commands(run, runs["config"], tmp_path / "out")).items():
         # schedule reads metadata only; it may show the saved schedule without the weights
         assert_safe(out, marker, "dcp/.metadata", may_succeed=name in ("schedule",))
         if out.returncode != 0:
@@ -122,7 +114,7 @@ def test_malicious_item_inside_a_sharded_checkpoint_is_never_unpickled(runs, tmp
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     every = commands(run, runs["config"], tmp_path / "out")
     chosen = ("export hf", "checkpoint unshard", "resume", "train --init.from")
-    for name, out in run_all({name: every[name] for name in chosen}).items():
+    for name, out in kiln_all({name: every[name] for name in chosen}).items():
         assert_safe(out, marker, "optim.param_groups.0.lr", may_succeed=name == "export hf")
         if out.returncode != 0:
             assert str(folder) in out.stderr
@@ -135,7 +127,7 @@ def test_malicious_optimizer_or_rng_file_is_refused(runs, tmp_path, part):
     torch.save(Payload(marker), run / "checkpoints" / "step6" / part)
     before = snapshot(run)
     every = commands(run, runs["config"], tmp_path / "out")
-    for name, out in run_all({n: every[n] for n in ("resume", "train --init.from")}).items():
+    for name, out in kiln_all({n: every[n] for n in ("resume", "train --init.from")}).items():
         needle = f"step6/{part}"
         if name == "train --init.from" and part == "rng.pt":  # a new run needs no RNG state
             assert_safe(out, marker, needle, may_succeed=True)
