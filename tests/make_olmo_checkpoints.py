@@ -24,25 +24,23 @@ import shutil
 import sys
 from pathlib import Path
 
+# OLMo-2 shape: RMSNorm after each sublayer, QK-norm, untied, grouped-query attention
+OLMO2_MODEL = dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_ratio=4, vocab_size=60,
+                   embedding_size=64, max_sequence_length=16, rope=True, rope_theta=500000,
+                   weight_tying=False, include_bias=False, layer_norm_type="rms",
+                   layer_norm_with_affine=True, layer_norm_eps=1e-6,
+                   attention_layer_norm=True, norm_after=True)
+
 VARIANTS = {
-    # OLMo-2 shape: RMSNorm after each sublayer, QK-norm, untied, grouped-query attention
     "olmo2": dict(
-        model=dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_ratio=4,
-                   vocab_size=60, embedding_size=64, max_sequence_length=16, rope=True,
-                   rope_theta=500000, weight_tying=False, include_bias=False,
-                   layer_norm_type="rms", layer_norm_with_affine=True, layer_norm_eps=1e-6,
-                   attention_layer_norm=True, norm_after=True),
+        model=OLMO2_MODEL,
         scheduler=dict(name="cosine_with_warmup", t_warmup=3, t_max=20, alpha_f=0.1),
         max_duration=20, steps=5),
     # the OLMo-2 shape again, with a cosine that ends (t_max) before the run (max_duration),
     # then holds alpha_f * lr; OLMo then continues 5 more steps on fixed token rows with its
     # own loss normalisation, saved as a second checkpoint for kiln's continuation to match
     "olmo2_tmax": dict(
-        model=dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_ratio=4,
-                   vocab_size=60, embedding_size=64, max_sequence_length=16, rope=True,
-                   rope_theta=500000, weight_tying=False, include_bias=False,
-                   layer_norm_type="rms", layer_norm_with_affine=True, layer_norm_eps=1e-6,
-                   attention_layer_norm=True, norm_after=True),
+        model=OLMO2_MODEL,
         scheduler=dict(name="cosine_with_warmup", t_warmup=3, t_max=30, alpha_f=0.1),
         max_duration=50, steps=5, continue_steps=5),
     # OLMo-1 shape: non-parametric LayerNorm before each sublayer, tied, explicit MLP width

@@ -70,8 +70,7 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path.is_dir() and all((path / f).is_file() for f in REQUIRED)
-            and ((path / "model.safetensors").is_file() or is_sharded(path)))
+    return path.is_dir() and not missing_parts(path)
 
 
 def is_sharded(path: Path) -> bool:
