@@ -21,6 +21,29 @@ def kiln(*args, cwd=None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=300)
 
 
+class Ran:
+    """What an in-process `kiln` call gave: like a CompletedProcess (returncode, stdout,
+    stderr)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def kiln_here(*args) -> Ran:
+    """`kiln ARGS` through the CLI's own entry point in this process: the same code path as
+    the command (errors, exit codes, output) without an interpreter start, for tables of many
+    cases."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from kiln.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return Ran(rc, out.getvalue(), err.getvalue())
+
+
 def kiln_all(named: dict) -> dict:
     """Run independent `kiln` commands ({name: args}) two at a time (each is mostly torch's
     import); {name: CompletedProcess}."""

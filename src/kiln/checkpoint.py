@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -290,13 +289,83 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer state, config) of a checkpoint folder, without reading any tensor."""
+    """(trainer state, config) of a checkpoint folder, without reading any tensor. Both files
+    are checked (every field kiln reads is there and of its type, the config is a valid kiln
+    config), so a damaged one is refused here in one line that names it."""
+    return read_trainer_state(path / "trainer.json"), read_config_dict(path / "config.yaml")
+
+
+def _damaged(f: Path, what: str) -> KilnError:
+    return KilnError(f"{f} is damaged ({what}); restore the file the run wrote, or use an "
+                     "earlier checkpoint")
+
+
+def read_trainer_state(f: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json, checked field by field."""
+    from kiln.schedule import LRSchedule
+
     try:
-        trainer = json.loads((path / "trainer.json").read_text())
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise KilnError(f"checkpoint {path} is damaged ({e}); use an earlier one") from e
-    return trainer, config
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _damaged(f, e.strerror or str(e)) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(f, f"not valid JSON: {one_line(e)}") from None
+    if not isinstance(state, dict):
+        raise _damaged(f, "not a JSON object")
+
+    def need(obj: dict, key: str, where: str = "") -> Any:
+        if key not in obj:
+            raise _damaged(f, f"no {where}{key!r}")
+        return obj[key]
+
+    for key in ("step", "tokens_seen", "total_steps"):
+        v = need(state, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _damaged(f, f"{key!r} is {v!r}, not a count")
+    data = need(state, "data")
+    if not isinstance(data, dict):
+        raise _damaged(f, "'data' is not an object")
+    for key in ("epoch", "tokens_in_epoch"):
+        v = need(data, key, "data.")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _damaged(f, f"'data.{key}' is {v!r}, not a count")
+    try:
+        sched = LRSchedule.from_state(need(state, "schedule"))
+        for seg in sched.segments:
+            seg.lr(seg.start)  # an unknown shape raises
+            if not all(map(_finite_number, (seg.lr_start, seg.lr_end))):
+                raise ValueError("an LR that is not a finite number")
+    except KilnError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise _damaged(f, f"its LR schedule cannot be read: {one_line(e)}") from None
+    return state
+
+
+def _finite_number(x: Any) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_config_dict(f: Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml as a dict, refused unless it is a valid kiln config."""
+    from kiln.config import config_from_dict, load_yaml_text
+
+    try:
+        text = f.read_text(encoding="utf-8")
+    except OSError as e:
+        raise _damaged(f, e.strerror or str(e)) from None
+    except UnicodeDecodeError:
+        raise _damaged(f, "not text") from None
+    raw = load_yaml_text(text, f)
+    if not isinstance(raw, dict):
+        raise _damaged(f, "not a YAML mapping of config sections")
+    try:
+        config_from_dict(raw)
+    except KilnError as e:
+        raise _damaged(f, str(e).split(";")[0]) from None
+    return raw
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -305,7 +374,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         meta = read_dcp_metadata(path / SHARDED).state_dict_metadata
         shapes = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
                   if k.startswith("model.") and hasattr(v, "size")}
-        _, config = read_meta(path)
+        config = read_config_dict(path / "config.yaml")
         if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
             shapes.pop("lm_head.weight", None)
         return shapes
@@ -313,8 +382,8 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise KilnError(f"cannot read {path / 'model.safetensors'}: {e}; the file is "
-                        "damaged") from e
+        raise KilnError(f"cannot read {path / 'model.safetensors'}: {one_line(e)}; the file is "
+                        "damaged") from None
 
 
 def read_sharded_full(path: Path) -> dict[str, Any]:
@@ -325,19 +394,22 @@ def read_sharded_full(path: Path) -> dict[str, Any]:
     return state
 
 
-def load(path: str | Path, *, with_optim: bool = True) -> Checkpoint:
-    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest); the
-    optimizer and RNG state only `with_optim` (what needs weights alone reads weights alone)."""
+def load(path: str | Path, *, with_optim: bool = True, with_rng: bool = False) -> Checkpoint:
+    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest); the trainer
+    state, optimizer and RNG state only `with_optim` (what needs the weights alone reads the
+    weights and config.yaml alone, so a damaged trainer.json or optim.pt does not stop it)."""
     p = resolve(path)
     try:
         model = load_file(str(p / "model.safetensors"))
     except (SafetensorError, OSError) as e:
-        raise KilnError(f"cannot read {p / 'model.safetensors'}: {e}; the file is damaged") from e
-    trainer, config = read_meta(p)
+        raise KilnError(f"cannot read {p / 'model.safetensors'}: {one_line(e)}; the file is "
+                        "damaged") from None
+    config = read_config_dict(p / "config.yaml")
+    trainer = read_trainer_state(p / "trainer.json") if with_optim else {}
     optim = rng = None
     if with_optim and (p / "optim.pt").is_file():
         optim = load_pt(p / "optim.pt")
-    if with_optim and (p / "rng.pt").is_file():
+    if with_rng and (p / "rng.pt").is_file():
         rng = load_pt(p / "rng.pt")
     return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
 
@@ -355,29 +427,29 @@ def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],
                 if tied:
                     continue  # a tied head is saved once
                 raise KilnError(
-                    f"checkpoint {where} has a tied output head (model.tie_embeddings=true) but "
+                    f"{where} has a tied output head (model.tie_embeddings=true) but "
                     "this model is untied; set model.tie_embeddings=true"
                 )
             raise KilnError(
-                f"checkpoint {where} has no tensor {name!r}: it was written by a different "
+                f"{where} has no tensor {name!r}: it was written by a different "
                 "model shape; use the model config it was trained with or another run_dir"
             )
         shape = tuple(getattr(saved[name], "shape", saved[name]))
         if shape != tuple(t.shape):
             raise KilnError(
-                f"checkpoint {where} was written by a different model shape: {name} is "
+                f"{where} was written by a different model shape: {name} is "
                 f"{list(shape)} there and {list(t.shape)} here; use the model "
                 "config it was trained with or another run_dir"
             )
     if tied and "lm_head.weight" in saved and "embed.weight" in saved:
         raise KilnError(
-            f"checkpoint {where} has a separate output head (model.tie_embeddings=false) but "
+            f"{where} has a separate output head (model.tie_embeddings=false) but "
             "this model ties it to the embedding; set model.tie_embeddings=false"
         )
     extra = [k for k in saved if k not in model_state]
     if extra:
         raise KilnError(
-            f"checkpoint {where} has tensor {extra[0]!r} that this model lacks: it was written "
+            f"{where} has tensor {extra[0]!r} that this model lacks: it was written "
             "by a different model shape"
         )
 
@@ -446,14 +518,47 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         set_model_state_dict(model, msd, options=opts)
         return
     if c.optim is None:
-        raise KilnError(f"{path} holds no optimizer state (no optim.pt); start with a fresh "
-                        "optimizer: init.load_optimizer=false")
+        raise KilnError(f"{path / 'optim.pt'} is missing, so {path} holds no optimizer state; "
+                        "start with a fresh optimizer: init.load_optimizer=false")
     check_optim_state(c.optim, model, path / "optim.pt")
     try:
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=c.optim,
                        options=opts)
     except (KeyError, ValueError, RuntimeError) as e:
         raise KilnError(f"optimizer state in {path} does not fit this model: {e}") from e
+
+
+def check_resumable(path: Path, run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint that lacks a part an exact resume needs."""
+    need = ["rng.pt"] + ([] if is_sharded(path) else ["optim.pt"])
+    gone = [n for n in need if not (path / n).is_file()]
+    if gone:
+        f = path / gone[0]
+        fresh = " --init.load_optimizer=false" if gone[0] == "optim.pt" else ""
+        raise KilnError(
+            f"{f} is missing, so {path.name} cannot be resumed exactly; restore the file, or "
+            f"start a new run from its weights: kiln train {run_dir} "
+            f"--trainer.run_dir=NEW_DIR --init.from={path}{fresh}"
+        )
+
+
+def resume_problems(path: Path) -> list[str]:
+    """Cheap reasons (no tensor read) why `path` cannot be resumed exactly: parts that are
+    missing, or torch files whose archive is truncated."""
+    import zipfile
+
+    problems = []
+    for name in ["optim.pt", "rng.pt"] if not is_sharded(path) else ["rng.pt"]:
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            problems.append(f"{name} is damaged ({one_line(e)[:60]})")
+    return problems
 
 
 def check_optim_state(osd: Any, model: torch.nn.Module, where: Path) -> None:

@@ -119,11 +119,11 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
     from kiln.model import Transformer
 
     path = ckpt.resolve(args.checkpoint)
-    _, raw_config = ckpt.read_meta(path)
-    cfg = config_from_dict(raw_config)
+    cfg = config_from_dict(ckpt.read_config_dict(path / "config.yaml"))  # weights need no more
     tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
     if not tok_path.is_file():
-        raise KilnError(f"no tokenizer.json in {path}; pass --tokenizer PATH")
+        raise KilnError(f"{tok_path} is missing; pass the tokenizer the model was trained "
+                        "with: --tokenizer PATH")
     tokenizer = Tokenizer.from_file(str(tok_path))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer(cfg.model)
@@ -158,12 +158,21 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
     if p.is_dir():
         import math
 
+        import torch
+
         from kiln.config import config_from_dict
+        from kiln.model import Transformer
 
         path = ckpt.resolve(p)
         trainer, raw_config = ckpt.read_meta(path)
         cfg = config_from_dict(raw_config)
-        n_params = sum(math.prod(s) for s in ckpt.tensor_shapes(path).values())
+        shapes = ckpt.tensor_shapes(path)
+        with torch.device("meta"):  # the weights must be the config's model (headers only)
+            model = Transformer(cfg.model)
+        weights = path / (ckpt.SHARDED if ckpt.is_sharded(path) else "model.safetensors")
+        ckpt.check_shapes(shapes, model.state_dict(), weights, tied=cfg.model.tie_embeddings)
+        n_params = sum(math.prod(s) for s in shapes.values())
+        problems = ckpt.resume_problems(path)
         kind = "sharded (torch.distributed.checkpoint)" if ckpt.is_sharded(path) else "unsharded"
         print(f"checkpoint      {path} ({kind})")
         print(f"step            {trainer['step']:,}")
@@ -178,6 +187,8 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
             f"{s['lr_end']:.3g}" + (f" (from step {s['begin']})" if s.get("begin") else "")
             for s in trainer["schedule"]["segments"]))
         print(f"files           {', '.join(sorted(f.name for f in path.iterdir()))}")
+        print("resumable       " + (f"no: {'; '.join(problems)} (weights-only commands such "
+                                    "as generate and export still work)" if problems else "yes"))
         return 0
     from kiln.data.tokens import TokenFile
 
@@ -186,7 +197,12 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
     print(f"token file      {f.path}")
     print(f"dtype           {f.dtype}")
     print(f"tokens          {len(f):,}")
-    print(f"max token id    {f.max_token_id():,}")
+    lo, hi = f.id_range()  # the true range, scanned: a sidecar can lie
+    print(f"id range        {lo:,} .. {hi:,} (scanned)")
+    said = f.meta.get("max_token_id")
+    if said is not None and int(said) != hi:
+        print(f"WARNING         the sidecar says the largest id is {said}, the file holds {hi}: "
+              "it was changed after kiln prepare wrote it")
     if f.eos_token_id is not None:
         n_docs = int((toks == f.eos_token_id).sum())
         print(f"eos id          {f.eos_token_id} ({n_docs:,} documents)")

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, one_line
 
 # --------------------------------------------------------------------------------------------
 # Durations
@@ -532,9 +532,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         else:
             raise KilnError(f"override {arg!r} has no value; write --{body}=VALUE")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            raise KilnError(f"override --{key}: cannot parse {raw!r} as a YAML value") from None
+            value = load_yaml_text(raw) if raw != "" else None
+        except KilnError as e:
+            raise KilnError(f"override --{key}: cannot parse {raw!r}: "
+                            f"{str(e).removeprefix('YAML value ')}") from None
         out.append((key, value))
         i += 1
     return out
@@ -590,6 +591,52 @@ def load_run_config(arg: str, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
+    last value without a word)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        except TypeError:  # an unhashable key: let the base constructor say so
+            break
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def load_yaml_text(text: str, source: str | Path | None = None) -> Any:
+    """Parse YAML safely, refusing duplicate keys; errors are one line naming `source`."""
+    what = f"config file {str(source)!r}" if source is not None else "YAML value"
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise KilnError(f"{what} sets {e.key!r} twice in one section (lines {e.first} and "
+                        f"{e.second}); keep one of them") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None)
+        why = f" ({problem})" if problem else ""
+        raise KilnError(f"{what} is not valid YAML{where}{why}; fix the file") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 run_dir: str | None = None) -> Config:
     """Read a YAML config file and apply ``--dot.path=value`` overrides (`run_dir`, when
@@ -600,11 +647,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise KilnError(f"config file {str(p)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise KilnError(f"config file {str(p)!r} is not valid YAML{where}") from None
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KilnError(f"config file {str(p)!r} cannot be read as text ({one_line(e)})"
+                            ) from None
+        raw = load_yaml_text(text, p) or {}
     if run_dir is not None and isinstance(raw, dict):
         trainer = raw.setdefault("trainer", {})
         if isinstance(trainer, dict):
@@ -643,6 +690,12 @@ def validate(cfg: Config) -> None:
         raise KilnError("data.stride must be >= 1")
     if not 0.0 <= d.val_fraction < 1.0:
         raise KilnError("data.val_fraction must be in [0, 1)")
+    lr = cfg.optim.lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise KilnError(
+            f"optim.lr={lr} would train a run that cannot learn (every schedule scales "
+            "optim.lr, the peak LR); set a positive finite LR such as optim.lr=3e-4"
+        )
     if cfg.schedule.name == "wsd" and not 0.0 < cfg.schedule.decay_fraction <= 1.0:
         raise KilnError("schedule.decay_fraction must be in (0, 1]")
 

@@ -13,6 +13,11 @@ class KilnError(Exception):
     """
 
 
+def one_line(e: BaseException | str) -> str:
+    """An error's text on one line (libraries often raise multi-line messages)."""
+    return " ".join(str(e).split())
+
+
 _warned: set[str] = set()
 
 

@@ -27,11 +27,7 @@ from typing import Any
 
 import torch
 
-from kiln.errors import KilnError
-
-
-def one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split())
+from kiln.errors import KilnError, one_line  # noqa: F401 - one_line is re-exported
 
 
 def _forbidden_global(e: BaseException) -> str:
@@ -71,8 +67,11 @@ def load_pt(path: str | Path, extra_globals: list[tuple[Any, str]] | None = None
                         "unpickle (it loads tensors and plain values only); the file is not "
                         "one kiln wrote: replace it with a trusted copy") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...
-        raise KilnError(f"cannot read {path} ({one_line(e)[:200]}): the file is truncated "
-                        "or damaged; replace it with a good copy") from None
+        text = one_line(e)
+        if "central directory" in text or "zip archive" in text:
+            text = "its zip archive is incomplete"  # what torch's miniz says, in short
+        raise KilnError(f"cannot read {path} ({text[:200]}): the file is truncated or "
+                        "damaged; replace it with a good copy") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +114,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name}") from None
+            raise _Forbidden(f"global {module}.{name}") from None
+
+
+class _Forbidden(pickle.UnpicklingError):
+    """A global the metadata unpickler does not allow (as opposed to a truncated file)."""
 
 
 def read_dcp_metadata(dcp_dir: str | Path):
@@ -127,7 +130,7 @@ def read_dcp_metadata(dcp_dir: str | Path):
     try:
         with open(path, "rb") as f:
             meta = _MetadataUnpickler(f, _allowed_metadata_globals()).load()
-    except pickle.UnpicklingError as e:
+    except _Forbidden as e:
         raise KilnError(f"{path} holds {_forbidden_global(e)}, which is not part of "
                         "a sharded checkpoint's metadata; kiln refuses it (the file is not one "
                         "kiln wrote): replace the checkpoint with a trusted copy") from None
@@ -140,7 +143,30 @@ def read_dcp_metadata(dcp_dir: str | Path):
         raise KilnError(f"{path} is not a sharded checkpoint's metadata; the file is damaged")
     if getattr(meta, "storage_meta", None) is None:
         meta.storage_meta = StorageMeta()
+    _check_shard_files(Path(dcp_dir), meta)
     return meta
+
+
+def _check_shard_files(dcp_dir: Path, meta: Any) -> None:
+    """Refuse a missing or truncated shard file before anything reads it (torch would read
+    short and fail deep inside, or with luck not at all)."""
+    need: dict[str, int] = {}
+    for info in (getattr(meta, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise KilnError(f"{dcp_dir / '.metadata'} names a shard file {name!r} outside its "
+                            "folder; the checkpoint is damaged or not one kiln wrote")
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        need[name] = max(need.get(name, 0), end)
+    for name, end in sorted(need.items()):
+        f = dcp_dir / name
+        if not f.is_file():
+            raise KilnError(f"shard file {f} is missing; the sharded checkpoint is incomplete: "
+                            "restore it, or use an earlier checkpoint")
+        size = f.stat().st_size
+        if size < end:
+            raise KilnError(f"shard file {f} is truncated ({size:,} bytes, its metadata needs "
+                            f"{end:,}); restore it, or use an earlier checkpoint")
 
 
 def _readers():

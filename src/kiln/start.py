@@ -82,7 +82,8 @@ def check_model_shape(cfg: Config, source: Path) -> None:
 
     with torch.device("meta"):
         expected = Transformer(cfg.model).state_dict()
-    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, source,
+    weights = source / (ckpt.SHARDED if ckpt.is_sharded(source) else "model.safetensors")
+    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, weights,
                       tied=cfg.model.tie_embeddings)
 
 

@@ -29,7 +29,7 @@ from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
 from kiln.data.tokens import TokenFile, check_vocab, open_token_files
-from kiln.errors import KilnError
+from kiln.errors import KilnError, one_line, warn
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
 from kiln.parallel import (
@@ -61,7 +61,8 @@ def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, li
         raise KilnError("data.paths is empty; list token files made by `kiln prepare`")
     files = open_token_files(d.paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
     check_vocab(files, cfg.model.vocab_size)
-    train = WindowDataset(files, d.seq_len, d.stride)
+    vocab = cfg.model.vocab_size
+    train = WindowDataset(files, d.seq_len, d.stride, vocab_size=vocab)
     val = None
     if d.val_paths:
         val_files = open_token_files(d.val_paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
@@ -70,7 +71,7 @@ def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, li
         if any(f.path.resolve() in train_set for f in val_files):
             raise KilnError("data.val_paths shares files with data.paths; validation data must "
                             "be held out from training")
-        val = WindowDataset(val_files, d.seq_len, d.seq_len)
+        val = WindowDataset(val_files, d.seq_len, d.seq_len, vocab_size=vocab)
     elif d.val_fraction > 0:
         if d.stride is not None and d.stride < d.seq_len:
             raise KilnError("data.val_fraction needs non-overlapping windows (data.stride >= "
@@ -101,6 +102,27 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return bf16 if precision == "bf16" else fp32
     return None
+
+
+def load_rng_state(f: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A checkpoint's rng.pt, checked to hold the generator states this device restores."""
+    rng = load_pt(f)
+    need = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
+    for key in need:
+        t = rng.get(key) if isinstance(rng, dict) else None
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+            if key == "cuda" and isinstance(rng, dict) and "cpu" in rng:
+                warn(f"{f} has no CUDA generator state (written on CPU); GPU random numbers "
+                     "start fresh")
+                continue
+            raise KilnError(f"{f} holds no {key} generator state; it is not this run's rng.pt: "
+                            "restore the file the run wrote")
+    try:  # a byte tensor of the wrong length is refused by torch: try it on a scratch copy
+        torch.Generator().set_state(rng["cpu"])
+    except RuntimeError as e:
+        raise KilnError(f"{f} holds a cpu generator state torch rejects ({one_line(e)[:80]}); "
+                        "restore the file the run wrote") from None
+    return {k: rng[k] for k in need if k in rng}
 
 
 def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
@@ -232,6 +254,11 @@ class Trainer:
             set_model_state_dict(self.module, state,
                                  options=StateDictOptions(full_state_dict=True))
             return
+        rng = None
+        if plan.kind == "resume":
+            # an exact resume needs every part; never continue without a word when one is gone
+            ckpt.check_resumable(plan.source, self.run_dir)
+            rng = load_rng_state(plan.source / "rng.pt", self.device)
         ckpt.load_into(plan.source, self.module,
                        self.optimizer if plan.load_optimizer else None,
                        tied=self.cfg.model.tie_embeddings)
@@ -239,13 +266,10 @@ class Trainer:
             apply_hyperparameters(self.optimizer, self.cfg.optim)
         if plan.load_data_position and plan.data_state is not None:
             self.loader.load_state_dict(plan.data_state)
-        if plan.kind == "resume":
-            rng_file = plan.source / "rng.pt"
-            if rng_file.is_file():
-                rng = load_pt(rng_file)
-                torch.set_rng_state(rng["cpu"])
-                if self.device.type == "cuda" and "cuda" in rng:
-                    torch.cuda.set_rng_state(rng["cuda"])
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
 
     def save_checkpoint(self) -> Path:
         """Every rank calls this. Unsharded: gathered to rank 0, which writes. Sharded: every

@@ -26,10 +26,12 @@ class WindowDataset:
     """Windows of seq_len + 1 tokens over a list of token files (windows never cross files)."""
 
     def __init__(self, files: list[TokenFile], seq_len: int, stride: int | None = None,
-                 window_range: tuple[int, int] | None = None):
+                 window_range: tuple[int, int] | None = None, vocab_size: int | None = None):
         self.files = files
         self.seq_len = seq_len
         self.stride = stride or seq_len
+        self.vocab_size = vocab_size
+        """When set, every batch is checked to hold only ids in [0, vocab_size)."""
         counts = [
             max(0, (len(f) - (seq_len + 1)) // self.stride + 1) if len(f) > seq_len else 0
             for f in files
@@ -46,22 +48,46 @@ class WindowDataset:
         """(head, tail) with the last `fraction` of windows held out in the tail."""
         n_tail = math.ceil(len(self) * fraction) if fraction > 0 else 0
         cut = self.hi - n_tail
-        head = WindowDataset(self.files, self.seq_len, self.stride, (self.lo, cut))
-        tail = WindowDataset(self.files, self.seq_len, self.stride, (cut, self.hi))
+        head = WindowDataset(self.files, self.seq_len, self.stride, (self.lo, cut),
+                             self.vocab_size)
+        tail = WindowDataset(self.files, self.seq_len, self.stride, (cut, self.hi),
+                             self.vocab_size)
         return head, tail
 
-    def window(self, i: int) -> np.ndarray:
+    def _locate(self, i: int) -> tuple[TokenFile, int]:
+        """(file, first token position) of window i."""
         g = self.lo + i
         f = int(np.searchsorted(self._starts, g, side="right") - 1)
-        start = (g - int(self._starts[f])) * self.stride
-        return self.files[f].tokens[start : start + self.seq_len + 1]
+        return self.files[f], (g - int(self._starts[f])) * self.stride
+
+    def window(self, i: int) -> np.ndarray:
+        f, start = self._locate(i)
+        return f.tokens[start : start + self.seq_len + 1]
 
     def batch(self, indices) -> torch.Tensor:
-        """A LongTensor [len(indices), seq_len + 1]."""
+        """A LongTensor [len(indices), seq_len + 1]; with vocab_size set, ids outside the
+        vocabulary stop here (no sidecar is trusted for that) instead of reaching the
+        embedding, where they crash a CPU run and corrupt or assert on a GPU."""
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
         for row, i in enumerate(indices):
-            out[row] = self.window(int(i))
+            out[row] = self.window(int(i))  # (a uint64 id past int64 turns negative here)
+        if self.vocab_size is not None and out.size:
+            if int(out.min()) < 0 or int(out.max()) >= self.vocab_size:
+                self._refuse(indices, out)
         return torch.from_numpy(out)
+
+    def _refuse(self, indices, out: np.ndarray) -> None:
+        bad = (out < 0) | (out >= self.vocab_size)
+        row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        f, start = self._locate(int(indices[row]))
+        said = f.meta.get("max_token_id")
+        sidecar = f"; its sidecar claims the largest id is {said}" if said is not None else ""
+        raise KilnError(
+            f"token file '{f.path}' holds id {int(out[row, col])} at position "
+            f"{start + int(col):,}, outside the model's vocabulary (model.vocab_size="
+            f"{self.vocab_size}){sidecar}; the file is damaged or was made with another "
+            "tokenizer: re-run kiln prepare with the model's tokenizer"
+        )
 
 
 @dataclass

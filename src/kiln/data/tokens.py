@@ -98,6 +98,7 @@ class TokenFile:
         self.eos_token_id = eos_token_id
         self.meta = meta
         self._max_id: int | None = None
+        self._range: tuple[int, int] | None = None
 
     @classmethod
     def open(
@@ -130,10 +131,21 @@ class TokenFile:
             if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
                 raise KilnError(
                     f"token file '{p}' holds a {tokens.ndim}-D {tokens.dtype} array; token files "
-                    "must be 1-D integer arrays (flatten it, or re-run kiln prepare)"
+                    "must be 1-D integer arrays of ids (convert it with numpy: "
+                    "arr.astype('uint32'), or re-run kiln prepare)"
                 )
             if tokens.shape[0] == 0:
                 raise KilnError(f"token file '{p}' holds no tokens; remove it from data.paths")
+            if tokens.dtype.kind == "i":  # signed: usable only if provably free of negatives
+                f = cls(p, tokens, None, meta)
+                lo, _ = f.id_range()
+                if lo < 0:
+                    pos = f.first_outside(0, None)
+                    raise KilnError(
+                        f"token file '{p}' is a signed {tokens.dtype} array holding negative id "
+                        f"{lo} (first at position {pos:,}); token ids are never negative: "
+                        "re-create the file from its source text with kiln prepare"
+                    )
         else:
             if meta:
                 dt = _parse_dtype(meta.get("dtype"), where=f"'dtype' in {sidecar_path(p)}")
@@ -174,17 +186,37 @@ class TokenFile:
         return int(self._tokens.shape[0])
 
     def max_token_id(self) -> int:
-        """The largest id in the file: from the sidecar, else one chunked scan (cached)."""
+        """The largest id in the file: from the sidecar, else one chunked scan (cached).
+
+        Quick, for refusing a mismatched vocabulary at start; the sidecar is not trusted for
+        safety: the loader checks the ids of every batch (see WindowDataset.batch)."""
         if self._max_id is None:
             if "max_token_id" in self.meta:
                 self._max_id = int(self.meta["max_token_id"])
             else:
-                # Chunked so a many-GB file never has to fit in RAM at once.
-                m = 0
-                for start in range(0, len(self), _SCAN_CHUNK):
-                    m = max(m, int(self._tokens[start : start + _SCAN_CHUNK].max()))
-                self._max_id = m
+                self._max_id = self.id_range()[1]
         return self._max_id
+
+    def id_range(self) -> tuple[int, int]:
+        """(smallest, largest) id actually in the file: one chunked scan, sidecar ignored."""
+        if self._range is None:
+            lo, hi = None, None
+            for start in range(0, len(self), _SCAN_CHUNK):  # a many-GB file never sits in RAM
+                chunk = self._tokens[start : start + _SCAN_CHUNK]
+                c_lo, c_hi = int(chunk.min()), int(chunk.max())
+                lo = c_lo if lo is None else min(lo, c_lo)
+                hi = c_hi if hi is None else max(hi, c_hi)
+            self._range = (int(lo), int(hi))  # type: ignore[arg-type]
+        return self._range
+
+    def first_outside(self, lo: int, hi: int | None) -> int | None:
+        """Position of the first id < lo or >= hi (hi None: no upper bound), or None."""
+        for start in range(0, len(self), _SCAN_CHUNK):
+            chunk = self._tokens[start : start + _SCAN_CHUNK]
+            bad = chunk < lo if hi is None else (chunk < lo) | (chunk >= hi)
+            if bad.any():
+                return start + int(np.argmax(bad))
+        return None
 
     @property
     def tokenizer_path(self) -> Path | None:

@@ -348,15 +348,15 @@ def _kiln_to_hf_state(state: dict[str, torch.Tensor], mc: ModelConfig, arch: str
     for kname, hname, shape in layout:
         t = state.get(kname)
         if t is None:
-            raise KilnError(f"checkpoint {where} has no tensor {kname!r} that its config.yaml "
+            raise KilnError(f"{where} has no tensor {kname!r} that the checkpoint's config.yaml "
                             "needs; the checkpoint is damaged or was written by another model")
         if tuple(t.shape) != shape:
-            raise KilnError(f"checkpoint {where}: tensor {kname} is {list(t.shape)} but its "
+            raise KilnError(f"{where}: tensor {kname} is {list(t.shape)} but the checkpoint's "
                             f"config.yaml says {list(shape)}; the checkpoint is damaged")
         out[hname] = t.detach().to("cpu").contiguous()
     extra = [k for k in state if k not in known]
     if extra:
-        raise KilnError(f"checkpoint {where} has tensor {extra[0]!r} that its config.yaml does "
+        raise KilnError(f"{where} has tensor {extra[0]!r} that the checkpoint's config.yaml does "
                         "not describe; the checkpoint is damaged or was written by another model")
     return out
 
@@ -459,8 +459,7 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
 
     out = Path(out_dir)
     path = ckpt.resolve(src)
-    _, raw = ckpt.read_meta(path)
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(ckpt.read_config_dict(path / "config.yaml"))  # weights need no more
     mc = cfg.model
     if arch is None:
         arch = infer_arch(mc)
@@ -472,7 +471,8 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
 
     with ckpt.staged_folder(out) as staging:
         state = _read_kiln_weights(path)
-        hf_state = _kiln_to_hf_state(state, mc, arch, path)
+        weights = path / (ckpt.SHARDED if ckpt.is_sharded(path) else "model.safetensors")
+        hf_state = _kiln_to_hf_state(state, mc, arch, weights)
         del state
         dtypes = {t.dtype for t in hf_state.values()}
         dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
