@@ -1,4 +1,6 @@
-"""The `kiln` command as a user runs it: real processes, real files.
+"""The `kiln` command as a user runs it: real files, real processes for training and the
+entry point itself, and the CLI's own entry point in this process (kiln_here: the same code,
+without an interpreter start each time) for the many refusals and quick commands.
 
 Every bad input must give a one-line error, a non-zero exit, no traceback, and leave the
 run directory and data files exactly as they were.
@@ -106,21 +108,21 @@ def test_train_prints_progress_and_writes_the_run_directory(trained_run):
 
 def test_generate_prints_prompt_and_continuation(trained_run):
     _, run = trained_run
-    out = kiln("generate", run, "--prompt", "The function", "--max-new-tokens", "10",
+    out = kiln_here("generate", run, "--prompt", "The function", "--max-new-tokens", "10",
                "--greedy")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The function") and len(out.stdout) > len("The function")
     cached = out.stdout
-    uncached = kiln("generate", run, "--prompt", "The function", "--max-new-tokens", "10",
+    uncached = kiln_here("generate", run, "--prompt", "The function", "--max-new-tokens", "10",
                     "--greedy", "--no-cache").stdout
     assert cached == uncached
 
 
 def test_inspect_describes_checkpoint_and_token_file(trained_run, pydoc_tokens):
     _, run = trained_run
-    out = kiln("inspect", run)
+    out = kiln_here("inspect", run)
     assert out.returncode == 0 and "step            6" in out.stdout
-    out = kiln("inspect", pydoc_tokens)
+    out = kiln_here("inspect", pydoc_tokens)
     assert out.returncode == 0 and "uint16" in out.stdout and "documents" in out.stdout
 
 
@@ -136,13 +138,13 @@ def test_dry_run_prints_derived_numbers_and_writes_nothing(pydoc_tokens, tmp_pat
 
 def test_dry_run_warns_loudly_about_overlapping_windows(pydoc_tokens, tmp_path):
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, tmp_path / "run")
-    out = kiln("train", config, "--dry-run", "--data.stride=1", "--data.val_fraction=0")
+    out = kiln_here("train", config, "--dry-run", "--data.stride=1", "--data.val_fraction=0")
     assert out.returncode == 0, out.stderr
     assert "WARNING" in out.stdout and "OVERLAP" in out.stdout
 
 
 def test_presets_lists_olmo_1b_with_its_published_size():
-    out = kiln("presets")
+    out = kiln_here("presets")
     assert out.returncode == 0
     line = next(x for x in out.stdout.splitlines() if x.startswith("olmo-1b "))
     assert "1,176,764,416" in line
@@ -167,7 +169,7 @@ def test_bad_config_is_one_line_error_and_touches_nothing(trained_run, pydoc_tok
                                                           needles):
     config, run = trained_run
     before, data_before = snapshot(run), snapshot(pydoc_tokens.parent)
-    out = kiln("train", config, *overrides)
+    out = kiln_here("train", config, *overrides)
     assert_one_line_error(out, *needles)
     assert snapshot(run) == before
     assert snapshot(pydoc_tokens.parent) == data_before
@@ -176,7 +178,7 @@ def test_bad_config_is_one_line_error_and_touches_nothing(trained_run, pydoc_tok
 def test_checkpoint_of_another_model_shape_is_refused_by_name(trained_run):
     config, run = trained_run
     before = snapshot(run)
-    out = kiln("train", config, "--model.d_model=128", "--trainer.max_duration=9")
+    out = kiln_here("train", config, "--model.d_model=128", "--trainer.max_duration=9")
     assert_one_line_error(out, "different model shape", "embed.weight")
     assert snapshot(run) == before
 
@@ -185,7 +187,7 @@ def test_empty_data_file_is_refused(tmp_path):
     empty = tmp_path / "empty.npy"
     empty.write_bytes(b"")
     config = write_config(tmp_path / "c.yaml", empty, tmp_path / "run")
-    assert_one_line_error(kiln("train", config), "empty")
+    assert_one_line_error(kiln_here("train", config), "empty")
     assert not (tmp_path / "run").exists()
 
 
@@ -194,20 +196,20 @@ def test_uint16_file_for_a_large_vocabulary_is_refused(tmp_path):
     np.arange(5000, dtype=np.uint16).tofile(raw)
     config = write_config(tmp_path / "c.yaml", raw, tmp_path / "run",
                           model={"vocab_size": 100278}, data={"dtype": "uint16"})
-    assert_one_line_error(kiln("train", config), "uint16", "100278")
+    assert_one_line_error(kiln_here("train", config), "uint16", "100278")
 
 
 def test_raw_file_without_dtype_asks_for_one(tmp_path):
     raw = tmp_path / "part-000.npy"
     np.arange(5000, dtype=np.uint16).tofile(raw)
     config = write_config(tmp_path / "c.yaml", raw, tmp_path / "run")
-    assert_one_line_error(kiln("train", config), "data.dtype")
+    assert_one_line_error(kiln_here("train", config), "data.dtype")
 
 
 def test_no_resume_refuses_a_used_run_directory(trained_run):
     config, run = trained_run
     before = snapshot(run)
-    assert_one_line_error(kiln("train", config, "--no-resume"), "--no-resume")
+    assert_one_line_error(kiln_here("train", config, "--no-resume"), "--no-resume")
     assert snapshot(run) == before
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, kiln, kiln_all, snapshot
+from test_cli import assert_one_line_error, kiln, kiln_here, snapshot
 from test_train import final_weights, losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
@@ -185,7 +185,7 @@ def test_dry_run_states_each_carry_over_choice(two_corpora, tmp_path):
     c1, c2 = two_corpora
     run(tiny_cfg(c1, tmp_path / "A", trainer__max_duration=20, model__tie_embeddings=False))
     config = write_config(tmp_path / "b.yaml", c2, tmp_path / "B")
-    out = kiln("train", config, "--dry-run", f"--init.from={tmp_path / 'A'}",
+    out = kiln_here("train", config, "--dry-run", f"--init.from={tmp_path / 'A'}",
                "--trainer.max_duration=60")
     assert out.returncode == 0, out.stderr
     for needle in ("weights: loaded", "Adam moments and step counts loaded",
@@ -230,14 +230,15 @@ def test_extend_via_cli_and_resume_needs_the_flag_to_change_duration(pydoc_token
     assert kiln("train", config).returncode == 0
     run_dir = tmp_path / "run"
     before = snapshot(run_dir / "checkpoints")
-    out = kiln("train", config, "--trainer.max_duration=12")
+    out = kiln_here("train", config, "--trainer.max_duration=12")
     assert_one_line_error(out, "max_duration", "--extend-to")
     assert snapshot(run_dir / "checkpoints") == before
-    assert_one_line_error(kiln("train", run_dir, "--extend-to=3"), "not after the current step")
+    assert_one_line_error(kiln_here("train", run_dir, "--extend-to=3"),
+                          "not after the current step")
     out = kiln("train", run_dir, "--extend-to=12", "--trainer.hard_stop=8")
     assert out.returncode == 0, out.stderr
     assert "extended from step 6 to 12" in out.stdout
-    sched = kiln("schedule", run_dir, "--out", tmp_path / "lr.png")
+    sched = kiln_here("schedule", run_dir, "--out", tmp_path / "lr.png")
     assert sched.returncode == 0 and (tmp_path / "lr.png").stat().st_size > 1000
     assert "<- now" in sched.stdout
 
@@ -297,7 +298,7 @@ def test_refusals_are_one_line_and_change_no_checkpoint(two_corpora, tmp_path):
         commands[i] = ["train", b_cfg, *args]
     # a resumed run whose data changed is told how to switch data properly
     commands["data"] = ["train", a_cfg, f"--data.paths=[{c2}]"]
-    results = kiln_all(commands)
+    results = {k: kiln_here(*args) for k, args in commands.items()}
     for i, (_, needles) in enumerate(cases):
         assert_one_line_error(results[i], *needles)
     assert not (tmp_path / "B").exists()
@@ -313,7 +314,7 @@ def test_dry_run_of_a_resume_says_a_changed_schedule_is_not_applied(pydoc_tokens
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 12, "hard_stop": 3})
     assert kiln("train", config).returncode == 0
-    out = kiln("train", run, "--schedule.warmup=5", "--optim.lr=1e-3", "--dry-run")
+    out = kiln_here("train", run, "--schedule.warmup=5", "--optim.lr=1e-3", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert ("schedule: changed since the checkpoint (schedule.warmup), but a resume keeps the "
             "saved schedule") in out.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import assert_one_line_error, kiln, snapshot, write_config
+from test_cli import assert_one_line_error, kiln, kiln_here, snapshot, write_config
 
 OVER = dict(trainer={"max_duration": 12, "eval_interval": 0}, checkpoint={"interval": 3})
 
@@ -60,7 +60,7 @@ def test_a_copied_run_advances_and_the_original_is_untouched(runs, tmp_path):
     assert snapshot(original) == before
     assert_same(weights(copy), weights(runs["ref"]))
     # the copy's config.yaml, named as a file, would still point at the original: refused
-    out = kiln("train", copy / "config.yaml", "--dry-run")
+    out = kiln_here("train", copy / "config.yaml", "--dry-run")
     assert_one_line_error(out, "belongs to the run in", f"kiln train {copy}")
 
 
@@ -77,7 +77,7 @@ def test_a_moved_run_resumes_itself(runs, tmp_path):
 def test_a_hard_stop_is_not_carried_into_the_next_invocation(runs, tmp_path):
     run = tmp_path / "half"
     shutil.copytree(runs["half"], run)
-    late = kiln("train", run, "--trainer.hard_stop=3", "--dry-run")
+    late = kiln_here("train", run, "--trainer.hard_stop=3", "--dry-run")
     assert_one_line_error(late, "trainer.hard_stop", "before the current step 6",
                           "--trainer.hard_stop=null")
     out = kiln("train", run)  # plain resume: trains on to the end
@@ -97,7 +97,7 @@ def test_init_from_at_twice_the_batch_carries_the_warmup_over_in_tokens(pydoc_to
     assert kiln("train", config).returncode == 0  # stopped at step 10 of a 20-step warmup
     args = [f"--init.from={src}", f"--trainer.run_dir={tmp_path / 'new'}",
             "--trainer.global_batch_size=16", "--trainer.hard_stop=null"]
-    dry = kiln("train", config, *args, "--dry-run")
+    dry = kiln_here("train", config, *args, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "the source took 8 x 32 = 256 tokens per step, this run takes 16 x 32 = 512" in \
         dry.stdout
@@ -133,7 +133,7 @@ def test_dry_run_counts_epochs_from_tokens_seen_and_warns_of_many(pydoc_tokens, 
     val, entropy = (float(x) for x in
                     __import__("re").findall(r"(\d+\.\d+) nats", loss_line)[:2])
     assert ("above it" if val > entropy else "below it") in loss_line and "-" not in loss_line
-    dry = kiln("train", run, "--trainer.global_batch_size=16", "--dry-run")
+    dry = kiln_here("train", run, "--trainer.global_batch_size=16", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     windows = int(__import__("re").search(r"([\d,]+) windows of 33", dry.stdout)
                   .group(1).replace(",", ""))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error, kiln, snapshot, write_config
+from test_cli import assert_one_line_error, kiln, kiln_here, snapshot, write_config
 
 from kiln import checkpoint as ckpt
 
@@ -122,7 +122,7 @@ def test_missing_weights_in_latest_are_refused_not_replaced(six_steps):
     _, run = six_steps
     (run / "checkpoints" / "step6" / "model.safetensors").unlink()
     before = snapshot(run)
-    out = kiln("train", run, "--trainer.hard_stop=null")
+    out = kiln_here("train", run, "--trainer.hard_stop=null")
     assert_one_line_error(out, "step6", "damaged", "model.safetensors", "step3")
     assert snapshot(run) == before
 
@@ -133,7 +133,7 @@ def test_foreign_empty_optimizer_state_is_refused_on_resume(six_steps):
     state = torch.load(optim, weights_only=True)
     torch.save({"state": {}, "param_groups": state["param_groups"]}, optim)
     before = snapshot(run)
-    out = kiln("train", run, "--trainer.hard_stop=null")
+    out = kiln_here("train", run, "--trainer.hard_stop=null")
     assert_one_line_error(out, "step6/optim.pt", "no Adam state", "init.load_optimizer=false")
     assert snapshot(run) == before
 
@@ -145,7 +145,7 @@ def test_generate_refuses_a_checkpoint_missing_a_tensor(six_steps):
     gone = next(k for k in sorted(state) if k.startswith("blocks.1."))
     del state[gone]
     save_file(state, str(weights))
-    out = kiln("generate", run, "--prompt", "The")
+    out = kiln_here("generate", run, "--prompt", "The")
     assert_one_line_error(out, "model.safetensors", gone)
 
 
