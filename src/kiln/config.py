@@ -15,11 +15,54 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from kiln.errors import KilnError, one_line
+
+# --------------------------------------------------------------------------------------------
+# Domains: what a field accepts beyond its type, declared next to it as Annotated[type, Domain]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Bounds on a number (on each item of a list, on the value of a duration) and, for a
+    list, its length. Every float must also be finite. :func:`check_domains` checks a whole
+    Config against the domains declared on its fields before anything is built, read or
+    written."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    items: int | None = None
+    """A list field: exactly this many items."""
+    fix: str = ""
+    """How to fix a bad value (default: the field's default value)."""
+
+    def violation(self, v: float) -> str | None:
+        """Why the number `v` is outside the domain, or None."""
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        checks = ((self.gt, ">", lambda b: v > b), (self.ge, ">=", lambda b: v >= b),
+                  (self.lt, "<", lambda b: v < b), (self.le, "<=", lambda b: v <= b))
+        for bound, text, ok in checks:
+            if bound is not None and not ok(bound):
+                return f"must be {text} {_num(bound)}"
+        return None
+
+
+def AtLeast(n: float) -> Domain:  # noqa: N802 - reads as a type in the annotations below
+    return Domain(ge=n)
+
+
+Positive = Domain(gt=0)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
 
 # --------------------------------------------------------------------------------------------
 # Durations
@@ -56,30 +99,30 @@ class ModelConfig:
 
     preset: str | None = None
     """Name of the preset this shape started from (see ``kiln presets``)."""
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
+    d_model: Annotated[int, AtLeast(1)] = 256
+    n_layers: Annotated[int, AtLeast(1)] = 4
+    n_heads: Annotated[int, AtLeast(1)] = 4
+    n_kv_heads: Annotated[int | None, AtLeast(1)] = None
     """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
-    mlp_ratio: float = 8.0
+    mlp_ratio: Annotated[float, Positive] = 8.0
     """OLMo's convention: the fused gate+up projection is mlp_ratio * d_model wide, so the
     SwiGLU hidden size is mlp_ratio * d_model / 2. Ignored when mlp_hidden_size is set."""
-    mlp_hidden_size: int | None = None
+    mlp_hidden_size: Annotated[int | None, AtLeast(1)] = None
     """SwiGLU hidden size (the width of each of the gate and up projections)."""
-    vocab_size: int = 50280
+    vocab_size: Annotated[int, AtLeast(2)] = 50280
     """Tokenizer vocabulary; the embedding is padded up to a multiple of pad_vocab_multiple."""
-    pad_vocab_multiple: int = 128
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
+    pad_vocab_multiple: Annotated[int, AtLeast(1)] = 128
+    max_seq_len: Annotated[int, AtLeast(1)] = 2048
+    rope_theta: Annotated[float, Positive] = 10000.0
     norm: Literal["rmsnorm", "layernorm", "nonparametric_layernorm"] = "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: Annotated[float, Positive] = 1e-5
     norm_placement: Literal["pre", "reordered"] = "pre"
     """pre: x + f(norm(x)) (Llama, OLMo-1); reordered: x + norm(f(x)) (OLMo-2)."""
     qk_norm: bool = False
     """Normalise queries and keys (over the whole projection, as OLMo-2 does)."""
     tie_embeddings: bool = False
     bias: bool = False
-    init_std: float = 0.02
+    init_std: Annotated[float, Positive] = 0.02
     """Std of the truncated-normal init; output projections use init_std / sqrt(2 * n_layers)."""
 
     @property
@@ -145,19 +188,19 @@ class DataConfig:
     glob patterns and directories are expanded."""
     dtype: Literal["uint16", "uint32"] | None = None
     """Element type of raw headerless files that carry no sidecar (OLMo's .npy memmaps)."""
-    eos_token_id: int | None = None
+    eos_token_id: Annotated[int | None, AtLeast(0)] = None
     """End-of-document id; read from the sidecar when there is one."""
     tokenizer: str | None = None
     """tokenizer.json used for generation; defaults to the one prepare wrote beside the data."""
-    seq_len: int = 1024
-    stride: int | None = None
+    seq_len: Annotated[int, AtLeast(1)] = 1024
+    stride: Annotated[int | None, AtLeast(1)] = None
     """Distance between window starts; None means seq_len (non-overlapping windows)."""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the data order: permutation for epoch e is drawn from (seed, e)."""
     val_paths: list[str] = field(default_factory=list)
-    val_fraction: float = 0.0
+    val_fraction: Annotated[float, Domain(ge=0, lt=1)] = 0.0
     """Held-out share of windows (taken from the end of the data) when val_paths is empty."""
-    prefetch: int = 4
+    prefetch: Annotated[int, AtLeast(0)] = 4
     """Batches prepared ahead of the training step on a background thread."""
 
 
@@ -165,15 +208,17 @@ class DataConfig:
 class OptimConfig:
     """AdamW."""
 
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: Annotated[float, Domain(gt=0, fix="a run cannot learn with it (every schedule scales "
+                                "it); a typical peak LR is 3e-4")] = 3e-4
+    betas: Annotated[list[float], Domain(ge=0, lt=1, items=2)] = field(
+        default_factory=lambda: [0.9, 0.95])
+    eps: Annotated[float, Positive] = 1e-8
+    weight_decay: Annotated[float, AtLeast(0)] = 0.1
     decay_norms_and_biases: bool = False
     decay_embeddings: bool = False
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, AtLeast(0)] = 1.0
     """Max global gradient norm; 0 disables clipping."""
-    z_loss: float = 0.0
+    z_loss: Annotated[float, AtLeast(0)] = 0.0
     """Weight of the z-loss (logsumexp(logits)^2) added to the cross entropy; 0 disables."""
     loss_norm: Literal["predictions", "window"] = "predictions"
     """What the summed loss of a batch is divided by: "predictions", the number of predicted
@@ -188,9 +233,9 @@ class ScheduleConfig:
     """Learning-rate schedule: warmup, then a decay shape to final_lr_fraction * lr."""
 
     name: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
-    warmup: Duration = field(default_factory=lambda: Duration(0, "steps"))
-    final_lr_fraction: float = 0.1
-    decay_fraction: float = 0.2
+    warmup: Annotated[Duration, AtLeast(0)] = field(default_factory=lambda: Duration(0, "steps"))
+    final_lr_fraction: Annotated[float, Domain(ge=0, le=1)] = 0.1
+    decay_fraction: Annotated[float, Domain(gt=0, le=1)] = 0.2
     """WSD only: share of the run (after warmup) spent decaying at the end."""
     restart: bool = False
     """With init.from: a fresh warmup + decay on top of the loaded weights, instead of
@@ -221,31 +266,32 @@ class InitConfig:
 @dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
-    global_batch_size: int = 32
+    global_batch_size: Annotated[int, AtLeast(1)] = 32
     """Instances (sequences) per optimizer step, across all ranks."""
-    micro_batch_size: int = 8
+    micro_batch_size: Annotated[int, AtLeast(1)] = 8
     """Instances per forward/backward pass on one rank; the rest is gradient accumulation."""
-    max_duration: Duration = field(default_factory=lambda: Duration(1000, "steps"))
-    hard_stop: Duration | None = None
+    max_duration: Annotated[Duration, Positive] = field(
+        default_factory=lambda: Duration(1000, "steps"))
+    hard_stop: Annotated[Duration | None, Positive] = None
     """End the run early at this point without reshaping the schedule."""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the weight initialisation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
-    eval_interval: int = 0
+    eval_interval: Annotated[int, AtLeast(0)] = 0
     """Steps between validation passes; 0 disables (a final one still runs if data exists)."""
-    eval_batches: int = 16
+    eval_batches: Annotated[int, AtLeast(1)] = 16
     """Micro-batches per validation pass (the same windows every time)."""
-    threads: int | None = None
+    threads: Annotated[int | None, AtLeast(1)] = None
     """torch CPU threads; None keeps torch's default."""
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 1000
+    interval: Annotated[int, AtLeast(0)] = 1000
     """Steps between checkpoints; 0 saves only at the end."""
-    keep_last: int = 3
+    keep_last: Annotated[int, AtLeast(0)] = 3
     """Complete checkpoints kept; older ones are deleted (never the only complete one)."""
     save_final: bool = True
     sharded: bool | Literal["auto"] = "auto"
@@ -259,22 +305,22 @@ class ParallelConfig:
 
     dp: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
     """Data parallelism; auto: ddp when launched with more than one process, else none."""
-    shard_size: int | None = None
+    shard_size: Annotated[int | None, AtLeast(1)] = None
     """HSDP: ranks per shard group (default: processes per node)."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """FSDP parameter dtype for compute; auto: bf16 when trainer precision is bf16."""
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
-    ac_every: int = 2
+    ac_every: Annotated[int, AtLeast(1)] = 2
     """every_n: checkpoint every n-th block."""
     compile: bool = False
     """torch.compile each transformer block."""
-    timeout_minutes: float = 10.0
+    timeout_minutes: Annotated[float, Positive] = 10.0
     """Collective timeout: a dead or stuck peer fails the job after this long."""
 
 
 @dataclass
 class LogConfig:
-    interval: int = 1
+    interval: Annotated[int, AtLeast(1)] = 1
     """Steps between metric lines (console and metrics.jsonl)."""
     console: bool = True
 
@@ -479,8 +525,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         try:
             kwargs[field_name] = _coerce(value, hints[field_name], path)
         except _Mismatch:
+            f = next(f for f in dataclasses.fields(cls) if f.name == field_name)
             raise KilnError(
-                f"config field {path!r} expects {_type_name(hints[field_name])}, got {value!r}"
+                f"config field {path!r} expects {_type_name(hints[field_name])}, got {value!r}; "
+                f"the default is {_default_of(cls, f)}"
             ) from None
     return cls(**kwargs)
 
@@ -554,6 +602,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ())
         base.update(model)
         tree["model"] = base
     cfg = _build(Config, tree, "")
+    check_domains(cfg)
     validate(cfg)
     return cfg
 
@@ -667,6 +716,55 @@ def _deep_copy(x: Any) -> Any:
     return x
 
 
+def field_domain(cls: type, name: str) -> Domain | None:
+    """The Domain declared on field `name` of dataclass `cls`, if any."""
+    hint = typing.get_type_hints(cls, include_extras=True)[name]
+    return next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Domain)), None)
+
+
+def check_domains(obj: Any, prefix: str = "") -> None:
+    """Refuse the first field of a config (sub)tree outside its declared domain (and any
+    non-finite number), as `section.field=value must be ...; fix`."""
+    back = {v: k for k, v in _ALIASES.items()}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{back.get(f.name, f.name)}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, Duration):
+            check_domains(value, path + ".")
+            continue
+        dom = field_domain(type(obj), f.name) or Domain()
+        problem = None
+        if isinstance(value, Duration):
+            problem = dom.violation(value.value)
+            shown = f"{{value: {_num(value.value) if math.isfinite(value.value) else value.value}"
+            shown += f", unit: {value.unit}}}"
+        elif isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            shown = str(value)
+            if dom.items is not None and len(value) != dom.items:
+                problem = f"must have {dom.items} items"
+            else:
+                bad = [p for p in map(dom.violation, value) if p]
+                problem = f"has an item that {bad[0]}" if bad else None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem, shown = dom.violation(value), str(value)
+        if problem:
+            default = _default_of(type(obj), f)
+            fix = dom.fix or f"the default is {default}"
+            raise KilnError(f"{path}={shown} {problem}; {fix}")
+
+
+def _default_of(cls: type, f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        return "not set"
+    if isinstance(v, Duration):
+        return f"{{value: {_num(v.value)}, unit: {v.unit}}}"
+    return "null" if v is None else str(v)
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than one field; each failure names the fields and the fix."""
     cfg.model.validate()
@@ -676,28 +774,12 @@ def validate(cfg: Config) -> None:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len"
         )
-    if d.seq_len < 1:
-        raise KilnError("data.seq_len must be at least 1")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise KilnError("trainer.global_batch_size and trainer.micro_batch_size must be >= 1")
     if t.global_batch_size % t.micro_batch_size:
         raise KilnError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible into micro-batches"
             f" of trainer.micro_batch_size={t.micro_batch_size}; pick a micro-batch size that "
             "divides the global batch"
         )
-    if d.stride is not None and d.stride < 1:
-        raise KilnError("data.stride must be >= 1")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise KilnError("data.val_fraction must be in [0, 1)")
-    lr = cfg.optim.lr
-    if not (math.isfinite(lr) and lr > 0):
-        raise KilnError(
-            f"optim.lr={lr} would train a run that cannot learn (every schedule scales "
-            "optim.lr, the peak LR); set a positive finite LR such as optim.lr=3e-4"
-        )
-    if cfg.schedule.name == "wsd" and not 0.0 < cfg.schedule.decay_fraction <= 1.0:
-        raise KilnError("schedule.decay_fraction must be in (0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
