@@ -183,8 +183,9 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
 
 @pytest.mark.slow
 def test_full_disk_during_a_save(pydoc_tokens, tmp_path):
+    # the free-space check would stop this run before the save: here the save itself must fail
     over = dict(trainer={"max_duration": 9, "eval_interval": 0},
-                checkpoint={"interval": 3, "keep_last": 1})
+                checkpoint={"interval": 3, "keep_last": 1, "check_free_space": False})
     ref = tmp_path / "ref"
     assert kiln("train", write_config(tmp_path / "ref.yaml", pydoc_tokens, ref, **over)
                 ).returncode == 0
@@ -208,5 +209,28 @@ def test_full_disk_during_a_save(pydoc_tokens, tmp_path):
         assert out.returncode == 0, out.stderr
         assert same_weights(run / "checkpoints" / "step9", ref / "checkpoints" / "step9")
     finally:  # lazily if busy: a mount left behind breaks pytest's cleanup of old tmp dirs
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_save_never_starts(pydoc_tokens, tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, 2**20):  # 1 MiB: less than one checkpoint of the test model
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        run = disk / "run"
+        config = write_config(tmp_path / "c.yaml", pydoc_tokens, run)
+        out = kiln_here("train", config)
+        assert_one_line_error(out, "not enough disk space for a checkpoint", "MiB free",
+                              "check_free_space=false")
+        metrics = run / "metrics.jsonl"
+        assert not (run / "checkpoints").exists()
+        assert not metrics.exists() or not metrics.read_text()  # not a step was trained
+        # with the check off the run starts, and its first save fails loudly instead
+        out = kiln_here("train", config, "--checkpoint.check_free_space=false")
+        assert_one_line_error(out, "could not write checkpoint", "no space left")
+        assert not list((run / "checkpoints").glob("*step*"))
+    finally:
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -193,6 +193,19 @@ def save_sharded_state(state: dict[str, Any], tmp: Path) -> None:
                         "resume") from None
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of the files in a checkpoint folder (shards included)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def free_bytes(run_dir: str | Path) -> tuple[int, Path]:
+    """(free bytes, folder measured) on the volume that holds RUN_DIR/checkpoints."""
+    where = checkpoints_dir(run_dir)
+    while not where.exists():
+        where = where.parent
+    return shutil.disk_usage(where).free, where
+
+
 def _save_failure(e: BaseException, where: Path) -> str:
     """One line on why a write failed, with the free space where it was written."""
     try:

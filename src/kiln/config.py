@@ -294,6 +294,11 @@ class CheckpointConfig:
     keep_last: Annotated[int, AtLeast(0)] = 3
     """Complete checkpoints kept; older ones are deleted (never the only complete one)."""
     save_final: bool = True
+    check_free_space: bool = True
+    """Before each save, stop the run in one line when the checkpoint volume cannot hold the
+    checkpoint (sized from the previous one, or estimated), instead of starting a save that
+    would fail; warn when fewer than 3 more fit. false for filesystems whose free-space report
+    is unreliable (a failed save still stops the run and removes its partial folder)."""
     sharded: bool | Literal["auto"] = "auto"
     """auto: sharded (torch.distributed.checkpoint, all ranks write) with fsdp/hsdp, else one
     unsharded file set written by rank 0. Either kind loads at any world size."""

@@ -276,6 +276,8 @@ class Trainer:
         rank writes its shards in parallel, rank 0 adds the small files and renames.
         Refuses (KilnError) to save non-finite weights."""
         self._check_finite(weights=True)
+        if self.cfg.checkpoint.check_free_space:
+            self._check_free_space()
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -297,6 +299,43 @@ class Trainer:
                 ckpt.save(self.run_dir, self.step, model=msd, optim=osd, **common)
         barrier(self.dist)
         return final
+
+    def checkpoint_size_estimate(self) -> int:
+        """Bytes the next checkpoint takes: the previous one's size, else weights (their
+        dtype) + two fp32 Adam moments per parameter + 1 MiB of small files."""
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.dist.is_main else None
+        if latest is not None:
+            return ckpt.checkpoint_bytes(latest)
+        params = {id(p): p for p in self.module.parameters()}.values()
+        weights = sum(p.numel() * p.element_size() for p in params)
+        return weights + sum(p.numel() * 8 for p in params if p.requires_grad) + 2**20
+
+    def _check_free_space(self, start: int = -1) -> None:
+        """Stop (every rank) before a save that cannot fit; warn when fewer than 3 more fit.
+        Called before each save and at the start of a run that will save (`start`: its step)."""
+        short = torch.zeros((), device=self.device)
+        if self.dist.is_main:
+            need = int(self.checkpoint_size_estimate() * 1.05) + 2**20
+            free, where = ckpt.free_bytes(self.run_dir)
+            mib = 2**20
+            if free < need:
+                short += 1
+                what = f"checkpoint step{self.step}" if self.step > start else "a checkpoint"
+                message = (f"not enough disk space for {what}: it needs "
+                           f"about {need / mib:,.0f} MiB and {where} has {free / mib:,.0f} MiB "
+                           f"free; earlier checkpoints are untouched: free space (or move the "
+                           f"run) and resume: kiln train {self.run_dir} (or set "
+                           "checkpoint.check_free_space=false if the free-space report is "
+                           "wrong)")
+            elif free < 3 * need:
+                warn(f"{where} has {free / mib:,.0f} MiB free: room for {free // need} more "
+                     f"checkpoint(s) of about {need / mib:,.0f} MiB; a save that does not fit "
+                     "stops the run")
+        if self.dist.enabled:
+            dist.all_reduce(short, op=dist.ReduceOp.MAX)
+        if short.item():
+            raise KilnError(message if self.dist.is_main else "rank 0 found no disk space for "
+                            "the checkpoint (see its error)")
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -475,6 +514,9 @@ class Trainer:
     def _fit(self) -> dict:
         cfg, n = self.cfg, self.numbers
         stop = n.stop_step
+        ck = cfg.checkpoint
+        if ck.check_free_space and (ck.interval > 0 or ck.save_final) and self.step < stop:
+            self._check_free_space(start=self.step)  # a run that cannot save never starts
         self._emit("on_fit_start")
         last: dict = {}
         start_step = self.step

@@ -1,0 +1,611 @@
+"""Chaos drill: kill real `kiln train` runs at random moments, resume them, and check that the
+result is bit for bit the run that was never interrupted.
+
+    python bench/chaos.py [--trials 20] [--seed 0] [--steps 40] [--keep]
+
+Everything runs on CPU in a temporary folder (--keep leaves it, with every run's logs); the
+training data is made from Python's own documentation (pydoc_data.topics), nothing is
+downloaded. Each `kiln` is a real process, `python -m kiln train CONFIG.yaml`, run from this
+source tree. What it does:
+
+1. Reference: a tiny model (d_model 64, 2 layers, vocab 512, seq 32, batch 8) trained for
+   --steps steps, checkpoint every 4 steps, keep_last 2, without interruption.
+2. N SIGKILL trials. Each starts the same run in a fresh folder and SIGKILLs it once or twice
+   (a resumed run may be killed again), then runs the same command until it exits 0. A kill
+   lands at one of these moments, drawn at random:
+     anytime          uniform over the whole expected life of the process (start-up included)
+     training         uniform over the expected time of its training loop
+     save:PHASE@stepN in the save of checkpoint stepN (any save still ahead, the final one
+                      included), as soon as the disk shows that PHASE began: tmp (its
+                      .tmp-stepN folder made), model.safetensors, optim.pt, rng.pt,
+                      tokenizer.json (the last file; fsync follows), rename (stepN is in
+                      place, `latest` not yet moved), latest (`latest` moved; retention next)
+   After each kill every stepN folder must be complete and load (weights, optimizer, RNG,
+   trainer.json, config.yaml), and `latest` must name a complete one. At the end the final
+   checkpoint must equal the reference's: every tensor of model.safetensors, optim.pt and
+   rng.pt bit for bit, and trainer.json; metrics.jsonl must hold the reference's history
+   (steps, losses, LRs, grad norms, eval losses); no .tmp-step* folder may be left.
+3. Disk full (only as root: it mounts a small tmpfs; otherwise skipped with the reason): the
+   run's folder sits on a tmpfs with room for ~2.5 checkpoints, a filler file takes a random
+   55-95% of one, so the second save runs out of space. kiln must stop with a one-line error,
+   no traceback, no partial checkpoint; after the filler is deleted a resume must end
+   bit-identical to the reference.
+4. SIGTERM during a save: the run is frozen (SIGSTOP) the moment a save begins, sent SIGTERM,
+   and let go (SIGCONT). kiln must finish that save, print "stopped by SIGTERM at step N ...
+   resume with: kiln train RUN_DIR", exit 0 with `latest` at stepN; a resume must then end
+   bit-identical to the reference.
+
+Prints one line per trial, then 'K/N resumed, K/N bit-identical, C corrupt' (N: the SIGKILL
+trials; C: damaged checkpoints or pointers seen in any trial). Exits 1 if any trial did not
+resume, differs from the reference, or left anything corrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from kiln import checkpoint as ckpt  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+
+INTERVAL, KEEP_LAST = 4, 2
+SAVE_PHASES = ("tmp", "model.safetensors", "optim.pt", "rng.pt", "tokenizer.json", "rename",
+               "latest")
+TIMING_KEYS = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu"}
+POLL = 0.0005  # seconds between looks at the run's folder
+
+
+# --------------------------------------------------------------------------------------------
+# Data, config, processes
+
+
+def make_tokens(root: Path) -> Path:
+    """A token file (vocab 512) of Python's documentation topics, as the tests make it."""
+    from pydoc_data.topics import topics
+
+    from kiln.data.prepare import prepare
+
+    src = root / "pydoc.jsonl"
+    src.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+    prepare([str(src)], root / "tokens", vocab_size=512, progress=False)
+    return root / "tokens" / "tokens.bin"
+
+
+def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, keep_last: int = KEEP_LAST
+                 ) -> Path:
+    cfg = {
+        "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "mlp_hidden_size": 192,
+                  "vocab_size": 512, "max_seq_len": 64},
+        "data": {"paths": [str(tokens)], "seq_len": 32, "val_fraction": 0.05},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup": 2},
+        "trainer": {"run_dir": str(run_dir), "global_batch_size": 8, "micro_batch_size": 4,
+                    "max_duration": steps, "eval_interval": 10, "eval_batches": 2,
+                    "threads": 1},  # one core trains, the other watches
+        "checkpoint": {"interval": INTERVAL, "keep_last": keep_last},
+        "log": {"interval": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Kiln:
+    """One `python -m kiln train CONFIG` process, its output in LOGS/NAME.out and .err."""
+
+    def __init__(self, config: Path, logs: Path, name: str):
+        self.out, self.err = logs / f"{name}.out", logs / f"{name}.err"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
+        env.pop("KILN_FAULT_INJECT", None)
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config)],
+                                         stdout=out, stderr=err, env=env)
+        self.t0 = time.perf_counter()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def started_training(self) -> bool:
+        """The console's first line (on_fit_start): start-up is over, the loop begins."""
+        return self.out.is_file() and "kiln " in self.out.read_text(errors="replace")
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            os.kill(self.proc.pid, sig)
+
+    def last_error(self) -> str:
+        lines = self.err.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"exit {self.proc.returncode}, nothing on stderr"
+
+
+def wait_until(k: Kiln, cond, timeout: float = 120) -> bool:
+    """Poll `cond` until it holds (True) or the process ends first (False)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if cond():
+            return True
+        if not k.running():
+            return cond()
+        time.sleep(POLL)
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at a run's folder
+
+
+def step_dirs(run: Path) -> dict[int, Path]:
+    root = ckpt.checkpoints_dir(run)
+    found = {}
+    if root.is_dir():
+        for p in root.iterdir():
+            m = ckpt.STEP_DIR.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return found
+
+
+def latest_name(run: Path) -> str | None:
+    pointer = ckpt.checkpoints_dir(run) / "latest"
+    try:
+        return pointer.read_text().strip()
+    except OSError:
+        return None
+
+
+def logged_step(run: Path) -> int:
+    """The last step metrics.jsonl holds a complete record of (0: none)."""
+    step = 0
+    try:
+        for line in (run / "metrics.jsonl").read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in rec:
+                step = int(rec["step"])
+    except OSError:
+        pass
+    return step
+
+
+def damage(path: Path, run: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from, or None if it loads in full."""
+    if not ckpt.is_complete(path):
+        return f"{path.name} is incomplete ({', '.join(ckpt.missing_parts(path))} missing)"
+    try:
+        ckpt.check_resumable(path, run)
+        c = ckpt.load(path, with_optim=True, with_rng=True)
+        if c.step != int(path.name[len("step"):]):
+            return f"{path.name}/trainer.json says step {c.step}"
+        if not c.model or c.optim is None or c.rng is None:
+            return f"{path.name} lacks weights, optimizer or RNG state"
+        del c
+    except (KilnError, OSError, RuntimeError, ValueError) as e:
+        return f"{path.name} does not load: {str(e)[:120]}"
+    finally:
+        gc.collect()  # drop memory mappings (a tmpfs must unmount afterwards)
+    return None
+
+
+def audit(run: Path, final: bool) -> tuple[list[str], list[str]]:
+    """(corrupt things, leftovers) in the run's checkpoints folder. Corrupt: a stepN folder
+    that is not a complete, loadable checkpoint, a `latest` naming no complete checkpoint,
+    and (when `final`) any .tmp-step* folder. Leftovers: other hidden scratch files."""
+    corrupt, litter = [], []
+    root = ckpt.checkpoints_dir(run)
+    if not root.is_dir():
+        return corrupt, litter
+    for p in step_dirs(run).values():
+        why = damage(p, run)
+        if why:
+            corrupt.append(why)
+    name = latest_name(run)
+    if name is not None and not ckpt.is_complete(root / name):
+        corrupt.append(f"latest names {name!r}, not a complete checkpoint")
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp-step") and final:
+            corrupt.append(f"{p.name} left after the run finished")
+        elif (p.name.startswith(".") and not p.name.startswith(".tmp-step")
+              or "-damaged-" in p.name):
+            litter.append(p.name)
+    return corrupt, litter
+
+
+def left_by_kill(run: Path, step: int) -> str:
+    """What a kill left in the checkpoints folder, in a few words."""
+    root = ckpt.checkpoints_dir(run)
+    bits = [f"latest {latest_name(run) or '-'}"]
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".tmp-step"):
+                inside = sorted(f.name for f in p.iterdir())
+                bits.append(f"{p.name}[{','.join(inside) or 'empty'}]")
+            elif p.name.startswith("."):  # .del-step*, .old-step*, .latest.tmp
+                bits.append(p.name)
+    return f"logged step {step}; " + " ".join(bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing with the reference
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_bytes = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in (a, b)]
+    return torch.equal(*as_bytes)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and same_tensor(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(same(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
+
+
+def differences(want: Path, got: Path) -> list[str]:
+    """What differs between two checkpoint folders (in a function, so that the memory-mapped
+    weights are released when it returns: an open mapping keeps a tmpfs busy)."""
+    out = []
+    try:
+        a, b = load_file(str(want / "model.safetensors")), load_file(str(got / "model.safetensors"))
+        if a.keys() != b.keys():
+            out.append("model tensor names")
+        out += [f"model {k}" for k in sorted(a.keys() & b.keys()) if not same_tensor(a[k], b[k])]
+        del a, b
+        for name in ("optim.pt", "rng.pt"):
+            if not same(torch.load(want / name, weights_only=True),
+                        torch.load(got / name, weights_only=True)):
+                out.append(name)
+        if (json.loads((want / "trainer.json").read_text())
+                != json.loads((got / "trainer.json").read_text())):
+            out.append("trainer.json")
+    except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read differs
+        out.append(f"unreadable: {type(e).__name__}: {str(e)[:100]}")
+    gc.collect()
+    return out
+
+
+def history(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields (which differ from run to run)."""
+    recs = []
+    for line in (run / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = {"torn": line}
+        recs.append({k: v for k, v in rec.items() if k not in TIMING_KEYS})
+    return recs
+
+
+# --------------------------------------------------------------------------------------------
+# The trials
+
+
+@dataclass
+class Reference:
+    run: Path
+    final: Path
+    steps: int
+    life: float  # seconds from spawn to exit
+    startup: float  # seconds from spawn to the first console line
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def training(self) -> float:
+        return self.life - self.startup
+
+
+@dataclass
+class Result:
+    resumed: bool = False
+    identical: bool = False
+    corrupt: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # each fails the trial
+    notes: list[str] = field(default_factory=list)  # for information
+
+    @property
+    def ok(self) -> bool:
+        return self.resumed and self.identical and not self.corrupt and not self.problems
+
+
+def reference_run(root: Path, tokens: Path, steps: int) -> Reference:
+    run = root / "run"
+    k = Kiln(write_config(root / "c.yaml", tokens, run, steps), root, "kiln")
+    wait_until(k, k.started_training)
+    startup = time.perf_counter() - k.t0
+    if k.wait() != 0:
+        sys.exit(f"the reference run failed: {k.last_error()} (see {k.err})")
+    life = time.perf_counter() - k.t0
+    final = run / "checkpoints" / f"step{steps}"
+    if not ckpt.is_complete(final):
+        sys.exit(f"the reference run left no {final}")
+    return Reference(run, final, steps, life, startup, history(run))
+
+
+def save_phase_reached(run: Path, step: int, phase: str):
+    """A check that the save of `step` has reached `phase` (or gone past it)."""
+    root = ckpt.checkpoints_dir(run)
+    tmp, final = root / f".tmp-step{step}", root / f"step{step}"
+
+    def moved() -> bool:
+        return latest_name(run) == final.name
+
+    def renamed() -> bool:
+        return final.is_dir() or moved()
+
+    if phase == "latest":
+        return moved
+    if phase == "rename":
+        return renamed
+    if phase == "tmp":
+        return lambda: tmp.is_dir() or renamed()
+    return lambda: (tmp / phase).exists() or renamed()
+
+
+def kill_once(config: Path, run: Path, ref: Reference, rng: random.Random, logs: Path,
+              name: str) -> tuple[bool, str]:
+    """Start the run (or its resume), SIGKILL it at a random moment. (killed, description)"""
+    done = max(step_dirs(run), default=0)  # no save target at or below a step already saved
+    saves = [s for s in range(INTERVAL, ref.steps + 1, INTERVAL) if s > done]
+    if ref.steps not in saves and ref.steps > done:
+        saves.append(ref.steps)  # the final save
+    remaining = (ref.steps - done) / ref.steps
+    kind = rng.choices(["anytime", "training", "save"], weights=[2, 3, 5])[0]
+    if kind == "save" and not saves:
+        kind = "training"
+    k = Kiln(config, logs, name)
+    if kind == "save":
+        step, phase = rng.choice(saves), rng.choice(SAVE_PHASES)
+        what = f"save:{phase}@step{step}"
+        hit = wait_until(k, save_phase_reached(run, step, phase))
+        if hit:
+            k.signal(signal.SIGKILL)
+    else:
+        if kind == "anytime":
+            delay = rng.uniform(0, ref.startup + ref.training * remaining)
+            start = k.t0
+        else:
+            delay = rng.uniform(0, ref.training * remaining)
+            wait_until(k, k.started_training)
+            start = time.perf_counter()
+        what = f"{kind}@{delay:.2f}s"
+        while k.running() and time.perf_counter() < start + delay:
+            time.sleep(POLL)
+        hit = k.running()
+        k.signal(signal.SIGKILL)
+    rc = k.wait()
+    if rc == -signal.SIGKILL:
+        return True, f"{what} [{left_by_kill(run, logged_step(run))}]"
+    status = "finished" if rc == 0 else f"failed: {k.last_error()}"
+    return False, f"{what} missed ({'not reached, ' if not hit else ''}run {status})"
+
+
+def finish(config: Path, run: Path, logs: Path, name: str, tries: int = 4) -> tuple[int, str]:
+    """Run the same command until it exits 0: (runs it took, '' or the last error)."""
+    for i in range(1, tries + 1):
+        k = Kiln(config, logs, f"{name}-finish{i}")
+        if k.wait() == 0:
+            return i, ""
+        err = k.last_error()
+    return tries, err
+
+
+def check_end(run: Path, ref: Reference, res: Result) -> None:
+    """The finished run against the reference: complete, identical, nothing corrupt left."""
+    final = run / "checkpoints" / f"step{ref.steps}"
+    corrupt, litter = audit(run, final=True)
+    res.corrupt += corrupt
+    if litter:
+        res.notes.append(f"left behind: {', '.join(litter)}")
+    res.resumed = ckpt.is_complete(final) and latest_name(run) == final.name
+    if not res.resumed:
+        res.problems.append(f"ended at {latest_name(run)}, not {final.name}")
+        return
+    diff = differences(ref.final, final)
+    res.identical = not diff
+    if diff:
+        res.problems.append(f"differs from the reference: {', '.join(diff[:4])}")
+    if history(run) != ref.history:
+        res.identical = False
+        res.problems.append("metrics.jsonl history differs from the reference")
+
+
+def kill_trial(i: int, root: Path, tokens: Path, ref: Reference, rng: random.Random) -> tuple[
+        Result, str]:
+    root.mkdir()
+    run = root / "run"
+    config = write_config(root / "c.yaml", tokens, run, ref.steps)
+    res, kills = Result(), []
+    for j in range(rng.choice([1, 1, 2])):
+        killed, what = kill_once(config, run, ref, rng, root, f"kill{j + 1}")
+        kills.append(what)
+        corrupt, _ = audit(run, final=False)
+        res.corrupt += [f"after kill {j + 1}: {c}" for c in corrupt]
+        if not killed:
+            break
+    runs, err = finish(config, run, root, "trial")
+    if err:
+        res.problems.append(f"resume failed {runs} times: {err}")
+    check_end(run, ref, res)
+    line = f"{' | '.join(kills)} -> {runs} run(s) to finish"
+    return res, line
+
+
+def disk_full_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
+                    ) -> tuple[Result | None, str]:
+    if os.geteuid() != 0:
+        return None, f"skipped: mounting a small tmpfs needs root (running as uid {os.geteuid()})"
+    if not shutil.which("mount"):
+        return None, "skipped: no `mount` command"
+    size = sum(f.stat().st_size for f in ref.final.iterdir())
+    disk = root / "disk"
+    disk.mkdir(parents=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.5 * size)}", "tmpfs",
+                          str(disk)], capture_output=True, text=True)
+    if out.returncode:
+        return None, f"skipped: mount -t tmpfs failed ({out.stderr.strip()[:100]})"
+    res = Result()
+    try:
+        fill = rng.uniform(0.55, 0.95)
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * int(fill * size))
+        run = disk / "run"  # keep_last 1: two checkpoints at most fit once the filler is gone
+        config = write_config(root / "c.yaml", tokens, run, ref.steps, keep_last=1)
+        k = Kiln(config, root, "full")
+        rc = k.wait()
+        err = k.err.read_text(errors="replace")
+        said = k.last_error()
+        what = (f"tmpfs {int(2.5 * size) / 2**20:.1f} MiB, filler {fill:.0%} of a checkpoint: "
+                f"rc {rc}, logged step {logged_step(run)}, latest {latest_name(run)}")
+        if rc == 0:
+            res.problems.append("the disk never filled (the run finished)")
+        elif ("Traceback" in err or not said.startswith("kiln: error:")
+              or "no space left" not in said):
+            res.problems.append(f"not a one-line 'no space left' error: {said[:160]}")
+        corrupt, _ = audit(run, final=False)
+        res.corrupt += corrupt
+        leftovers = sorted(p.name for p in ckpt.checkpoints_dir(run).glob(".tmp-step*"))
+        if leftovers:
+            res.corrupt.append(f"partial checkpoint left after the failed save: {leftovers}")
+        filler.unlink()
+        runs, err = finish(config, run, root, "full")
+        if err:
+            res.problems.append(f"resume after freeing space failed: {err}")
+        check_end(run, ref, res)
+        return res, f"{what} | said: {said.removeprefix('kiln: error: ')[:90]}... -> freed, " \
+                    f"{runs} run(s) to finish"
+    finally:
+        gc.collect()  # no open mapping may keep the tmpfs busy
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def sigterm_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
+                  ) -> tuple[Result, str]:
+    root.mkdir()
+    run = root / "run"
+    config = write_config(root / "c.yaml", tokens, run, ref.steps)
+    step = rng.choice(range(2 * INTERVAL, ref.steps, INTERVAL))
+    res = Result()
+    k = Kiln(config, root, "term")
+    tmp = ckpt.checkpoints_dir(run) / f".tmp-step{step}"
+    if wait_until(k, tmp.is_dir):
+        k.signal(signal.SIGSTOP)  # frozen inside the save: the signal waits for SIGCONT
+        inside = sorted(f.name for f in tmp.iterdir()) if tmp.is_dir() else ["renamed"]
+        k.signal(signal.SIGTERM)
+        k.signal(signal.SIGCONT)
+        what = f"SIGTERM in the save of step{step} [{','.join(inside) or 'empty'}]"
+    else:
+        what = f"SIGTERM missed: the save of step{step} was not seen"
+        res.problems.append(what)
+    rc = k.wait()
+    out, err = k.out.read_text(errors="replace"), k.err.read_text(errors="replace")
+    stopped = re.search(r"stopped by SIGTERM at step (\d+); checkpoint (\S+); resume with: "
+                        r"kiln train (\S+)", out)
+    if rc != 0:
+        res.problems.append(f"exit {rc}, not 0: {k.last_error()}")
+    elif "SIGTERM received" not in err or stopped is None:
+        res.problems.append("no 'SIGTERM received' / 'stopped by SIGTERM ... resume with' "
+                            "message")
+    elif int(stopped.group(1)) != step or latest_name(run) != f"step{step}":
+        res.problems.append(f"stopped at step {stopped.group(1)}, latest {latest_name(run)}; "
+                         f"expected step{step} (the save it was in)")
+    corrupt, _ = audit(run, final=False)
+    res.corrupt += corrupt
+    what += f": rc {rc}, latest {latest_name(run)}"
+    runs, err = finish(config, run, root, "term")
+    if err:
+        res.problems.append(f"resume failed: {err}")
+    check_end(run, ref, res)
+    return res, f"{what} -> {runs} run(s) to finish"
+
+
+def verdict(res: Result) -> str:
+    words = ["resumed" if res.resumed else "NOT RESUMED",
+             "bit-identical" if res.identical else "NOT IDENTICAL"]
+    if res.corrupt:
+        words.append(f"CORRUPT: {'; '.join(res.corrupt)}")
+    return ", ".join(words) + "".join(f"; {n}" for n in res.problems + res.notes)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20, help="SIGKILL trials (default 20)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each run")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder and its logs")
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="kiln-chaos-"))
+    failed = False
+    try:
+        tokens = make_tokens(work)
+        (work / "ref").mkdir()
+        ref = reference_run(work / "ref", tokens, args.steps)
+        print(f"reference: {args.steps} steps, checkpoint every {INTERVAL}, keep_last "
+              f"{KEEP_LAST}; {ref.life:.1f} s ({ref.startup:.1f} s start-up); work folder {work}",
+              flush=True)
+        resumed = identical = corrupt = 0
+        w = len(str(args.trials))
+        for i in range(1, args.trials + 1):
+            t0 = time.perf_counter()
+            res, line = kill_trial(i, work / f"trial{i:02d}", tokens, ref, rng)
+            resumed += res.resumed
+            identical += res.identical
+            corrupt += len(res.corrupt)
+            failed |= not res.ok
+            print(f"trial {i:>{w}}/{args.trials} {line}: {verdict(res)} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for name, trial in (("disk-full", disk_full_trial), ("sigterm", sigterm_trial)):
+            res, line = trial(work / name, tokens, ref, rng)
+            if res is None:
+                print(f"{name}: {line}", flush=True)
+                continue
+            corrupt += len(res.corrupt)
+            failed |= not res.ok
+            print(f"{name}: {line}: {verdict(res)}", flush=True)
+        print(f"{resumed}/{args.trials} resumed, {identical}/{args.trials} bit-identical, "
+              f"{corrupt} corrupt ({time.perf_counter() - t_start:.0f} s)")
+    finally:
+        if args.keep or failed:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
