@@ -11,8 +11,9 @@ source tree. What it does:
 1. Reference: a tiny model (d_model 64, 2 layers, vocab 512, seq 32, batch 8) trained for
    --steps steps, checkpoint every 4 steps, keep_last 2, without interruption.
 2. N SIGKILL trials. Each starts the same run in a fresh folder and SIGKILLs it once or twice
-   (a resumed run may be killed again), then runs the same command until it exits 0. A kill
-   lands at one of these moments, drawn at random:
+   (the second time, its resume), then runs the same command until it exits 0. A kill lands
+   at one of these moments, drawn at random (a first kill that misses, the run having ended,
+   is drawn again on a fresh run):
      anytime          uniform over the whole expected life of the process (start-up included)
      training         uniform over the expected time of its training loop
      save:PHASE@stepN in the save of checkpoint stepN (any save still ahead, the final one
@@ -25,11 +26,13 @@ source tree. What it does:
    checkpoint must equal the reference's: every tensor of model.safetensors, optim.pt and
    rng.pt bit for bit, and trainer.json; metrics.jsonl must hold the reference's history
    (steps, losses, LRs, grad norms, eval losses); no .tmp-step* folder may be left.
-3. Disk full (only as root: it mounts a small tmpfs; otherwise skipped with the reason): the
-   run's folder sits on a tmpfs with room for ~2.5 checkpoints, a filler file takes a random
-   55-95% of one, so the second save runs out of space. kiln must stop with a one-line error,
-   no traceback, no partial checkpoint; after the filler is deleted a resume must end
-   bit-identical to the reference.
+3. Disk full, twice (only as root: it mounts a small tmpfs; otherwise skipped with the
+   reason): the run's folder sits on a tmpfs with room for 4 checkpoints; once the first is
+   saved the run is frozen and a filler file takes all but a random part of one checkpoint's
+   size. With checkpoint.check_free_space on, kiln should refuse the next save before writing;
+   with it off, the write must fail part-way. Either way: a one-line error, no traceback, no
+   partial checkpoint, `latest` still at the first; after the filler is deleted a resume must
+   end bit-identical to the reference.
 4. SIGTERM during a save: the run is frozen (SIGSTOP) the moment a save begins, sent SIGTERM,
    and let go (SIGCONT). kiln must finish that save, print "stopped by SIGTERM at step N ...
    resume with: kiln train RUN_DIR", exit 0 with `latest` at stepN; a resume must then end
@@ -55,6 +58,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,8 +94,7 @@ def make_tokens(root: Path) -> Path:
     return root / "tokens" / "tokens.bin"
 
 
-def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, keep_last: int = KEEP_LAST
-                 ) -> Path:
+def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, **checkpoint) -> Path:
     cfg = {
         "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "mlp_hidden_size": 192,
                   "vocab_size": 512, "max_seq_len": 64},
@@ -101,7 +104,7 @@ def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, keep_last:
         "trainer": {"run_dir": str(run_dir), "global_batch_size": 8, "micro_batch_size": 4,
                     "max_duration": steps, "eval_interval": 10, "eval_batches": 2,
                     "threads": 1},  # one core trains, the other watches
-        "checkpoint": {"interval": INTERVAL, "keep_last": keep_last},
+        "checkpoint": {"interval": INTERVAL, "keep_last": KEEP_LAST, **checkpoint},
         "log": {"interval": 1},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -125,7 +128,7 @@ class Kiln:
 
     def started_training(self) -> bool:
         """The console's first line (on_fit_start): start-up is over, the loop begins."""
-        return self.out.is_file() and "kiln " in self.out.read_text(errors="replace")
+        return self.out.stat().st_size > 0 and "kiln " in self.out.read_text(errors="replace")
 
     def wait(self, timeout: float = 300) -> int:
         try:
@@ -245,8 +248,9 @@ def left_by_kill(run: Path, step: int) -> str:
     if root.is_dir():
         for p in sorted(root.iterdir()):
             if p.name.startswith(".tmp-step"):
-                inside = sorted(f.name for f in p.iterdir())
-                bits.append(f"{p.name}[{','.join(inside) or 'empty'}]")
+                inside = sorted(f.name for f in p.iterdir() if f.name != STALE)
+                stale = " (the earlier kill's)" if (p / STALE).exists() else ""
+                bits.append(f"{p.name}[{','.join(inside) or 'empty'}]{stale}")
             elif p.name.startswith("."):  # .del-step*, .old-step*, .latest.tmp
                 bits.append(p.name)
     return f"logged step {step}; " + " ".join(bits)
@@ -354,10 +358,17 @@ def reference_run(root: Path, tokens: Path, steps: int) -> Reference:
     return Reference(run, final, steps, life, startup, history(run))
 
 
+STALE = ".chaos-stale"  # marks a .tmp-stepN folder an earlier kill left behind
+
+
 def save_phase_reached(run: Path, step: int, phase: str):
-    """A check that the save of `step` has reached `phase` (or gone past it)."""
+    """A check that the save of `step` has reached `phase` (or gone past it). A .tmp-stepN
+    that an earlier kill left is marked first (kiln deletes it whole before it saves again),
+    so that only the folder of this save counts."""
     root = ckpt.checkpoints_dir(run)
     tmp, final = root / f".tmp-step{step}", root / f"step{step}"
+    if tmp.is_dir():
+        (tmp / STALE).touch()
 
     def moved() -> bool:
         return latest_name(run) == final.name
@@ -365,13 +376,14 @@ def save_phase_reached(run: Path, step: int, phase: str):
     def renamed() -> bool:
         return final.is_dir() or moved()
 
+    def fresh(part: str) -> bool:
+        return (tmp / part).exists() and not (tmp / STALE).exists()
+
     if phase == "latest":
         return moved
     if phase == "rename":
         return renamed
-    if phase == "tmp":
-        return lambda: tmp.is_dir() or renamed()
-    return lambda: (tmp / phase).exists() or renamed()
+    return lambda: fresh("." if phase == "tmp" else phase) or renamed()
 
 
 def kill_once(config: Path, run: Path, ref: Reference, rng: random.Random, logs: Path,
@@ -381,7 +393,8 @@ def kill_once(config: Path, run: Path, ref: Reference, rng: random.Random, logs:
     saves = [s for s in range(INTERVAL, ref.steps + 1, INTERVAL) if s > done]
     if ref.steps not in saves and ref.steps > done:
         saves.append(ref.steps)  # the final save
-    remaining = (ref.steps - done) / ref.steps
+    at = re.fullmatch(r"step(\d+)", latest_name(run) or "")  # where a resume starts
+    remaining = (ref.steps - (int(at.group(1)) if at else 0)) / ref.steps
     kind = rng.choices(["anytime", "training", "save"], weights=[2, 3, 5])[0]
     if kind == "save" and not saves:
         kind = "training"
@@ -429,6 +442,9 @@ def check_end(run: Path, ref: Reference, res: Result) -> None:
     res.corrupt += corrupt
     if litter:
         res.notes.append(f"left behind: {', '.join(litter)}")
+    kept = len(ckpt.list_checkpoints(run))
+    if kept > KEEP_LAST:
+        res.notes.append(f"{kept} checkpoints kept (keep_last {KEEP_LAST})")
     res.resumed = ckpt.is_complete(final) and latest_name(run) == final.name
     if not res.resumed:
         res.problems.append(f"ended at {latest_name(run)}, not {final.name}")
@@ -442,70 +458,99 @@ def check_end(run: Path, ref: Reference, res: Result) -> None:
         res.problems.append("metrics.jsonl history differs from the reference")
 
 
-def kill_trial(i: int, root: Path, tokens: Path, ref: Reference, rng: random.Random) -> tuple[
-        Result, str]:
+def kill_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
+               ) -> tuple[Result, str]:
+    """Kill the run once or twice (the second time, its resume), then run it to the end."""
     root.mkdir()
     run = root / "run"
     config = write_config(root / "c.yaml", tokens, run, ref.steps)
     res, kills = Result(), []
-    for j in range(rng.choice([1, 1, 2])):
-        killed, what = kill_once(config, run, ref, rng, root, f"kill{j + 1}")
-        kills.append(what)
+    for j in range(1, rng.choice([1, 1, 2]) + 1):
+        for attempt in range(3 if j == 1 else 1):  # a run never killed would be no trial
+            killed, what = kill_once(config, run, ref, rng, root, f"kill{j}-{attempt + 1}")
+            kills.append(what)
+            if killed or j > 1:
+                break
+            shutil.rmtree(run, ignore_errors=True)  # the kill missed: start over
         corrupt, _ = audit(run, final=False)
-        res.corrupt += [f"after kill {j + 1}: {c}" for c in corrupt]
+        res.corrupt += [f"after kill {j}: {c}" for c in corrupt]
         if not killed:
             break
     runs, err = finish(config, run, root, "trial")
     if err:
         res.problems.append(f"resume failed {runs} times: {err}")
     check_end(run, ref, res)
-    line = f"{' | '.join(kills)} -> {runs} run(s) to finish"
-    return res, line
+    return res, f"{' | '.join(kills)} -> resumed in {runs} run(s)"
 
 
-def disk_full_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
-                    ) -> tuple[Result | None, str]:
+def mount_tmpfs(where: Path, size: int) -> str | None:
+    """Mount a tmpfs of `size` bytes at `where`; None, or why it cannot be done."""
     if os.geteuid() != 0:
-        return None, f"skipped: mounting a small tmpfs needs root (running as uid {os.geteuid()})"
+        return f"mounting a small tmpfs needs root (running as uid {os.geteuid()})"
     if not shutil.which("mount"):
-        return None, "skipped: no `mount` command"
-    size = sum(f.stat().st_size for f in ref.final.iterdir())
+        return "no `mount` command"
+    where.mkdir(parents=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    return f"mount -t tmpfs failed ({out.stderr.strip()[:100]})" if out.returncode else None
+
+
+def disk_full_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random,
+                    check: bool) -> tuple[Result | None, str]:
+    """The run's folder on a tmpfs with room for 4 checkpoints. Once the first checkpoint is
+    saved the run is frozen and a filler takes all but a random part of one checkpoint's size,
+    so the next save cannot fit: kiln's free-space check (`check`) must refuse it, or (check
+    off) the write must fail part-way; either way in one line, leaving no partial checkpoint.
+    Then the filler goes and the run resumes to the end."""
+    size = ckpt.checkpoint_bytes(ref.final)
     disk = root / "disk"
-    disk.mkdir(parents=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.5 * size)}", "tmpfs",
-                          str(disk)], capture_output=True, text=True)
-    if out.returncode:
-        return None, f"skipped: mount -t tmpfs failed ({out.stderr.strip()[:100]})"
+    why = mount_tmpfs(disk, 4 * size + 4 * 2**20)
+    if why:
+        return None, f"skipped: {why}"
     res = Result()
     try:
-        fill = rng.uniform(0.55, 0.95)
-        filler = disk / "filler"
-        filler.write_bytes(b"\0" * int(fill * size))
-        run = disk / "run"  # keep_last 1: two checkpoints at most fit once the filler is gone
-        config = write_config(root / "c.yaml", tokens, run, ref.steps, keep_last=1)
+        run = disk / "run"
+        config = write_config(root / "c.yaml", tokens, run, ref.steps, check_free_space=check)
         k = Kiln(config, root, "full")
+        first = f"step{INTERVAL}"
+        if not wait_until(k, lambda: latest_name(run) == first):
+            res.problems.append(f"the run ended before {first} was saved: {k.last_error()}")
+            return res, "no first checkpoint"
+        k.signal(signal.SIGSTOP)
+        leave = int(rng.uniform(0, 1) * size)  # the next save does not fit in this
+        free = shutil.disk_usage(disk).free
+        filler = disk / "filler"
+        try:
+            filler.write_bytes(b"\0" * max(0, free - leave))
+        except OSError:
+            pass
+        left = shutil.disk_usage(disk).free
+        k.signal(signal.SIGCONT)
         rc = k.wait()
         err = k.err.read_text(errors="replace")
         said = k.last_error()
-        what = (f"tmpfs {int(2.5 * size) / 2**20:.1f} MiB, filler {fill:.0%} of a checkpoint: "
-                f"rc {rc}, logged step {logged_step(run)}, latest {latest_name(run)}")
+        what = (f"{left / 2**10:,.0f} KiB left after {first} (a checkpoint is "
+                f"{size / 2**10:,.0f} KiB): rc {rc}, logged step {logged_step(run)}, latest "
+                f"{latest_name(run)}, said: "
+                f"{said.removeprefix('kiln: error: ').replace(str(run), 'RUN')[:110]}...")
         if rc == 0:
             res.problems.append("the disk never filled (the run finished)")
         elif ("Traceback" in err or not said.startswith("kiln: error:")
-              or "no space left" not in said):
+              or not any(w in said for w in ("no space left", "not enough disk space"))):
             res.problems.append(f"not a one-line 'no space left' error: {said[:160]}")
         corrupt, _ = audit(run, final=False)
         res.corrupt += corrupt
         leftovers = sorted(p.name for p in ckpt.checkpoints_dir(run).glob(".tmp-step*"))
         if leftovers:
             res.corrupt.append(f"partial checkpoint left after the failed save: {leftovers}")
+        if latest_name(run) != first:
+            res.problems.append(f"latest is {latest_name(run)}, not {first}")
         filler.unlink()
         runs, err = finish(config, run, root, "full")
         if err:
             res.problems.append(f"resume after freeing space failed: {err}")
         check_end(run, ref, res)
-        return res, f"{what} | said: {said.removeprefix('kiln: error: ')[:90]}... -> freed, " \
-                    f"{runs} run(s) to finish"
+        return res, f"{what} -> freed, resumed in {runs} run(s)"
     finally:
         gc.collect()  # no open mapping may keep the tmpfs busy
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
@@ -514,6 +559,8 @@ def disk_full_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
 
 def sigterm_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
                   ) -> tuple[Result, str]:
+    """SIGTERM the moment the save of a random stepN begins: that save must finish, the run
+    stop there with exit 0 and say how to resume; then it resumes to the end."""
     root.mkdir()
     run = root / "run"
     config = write_config(root / "c.yaml", tokens, run, ref.steps)
@@ -541,7 +588,7 @@ def sigterm_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
                             "message")
     elif int(stopped.group(1)) != step or latest_name(run) != f"step{step}":
         res.problems.append(f"stopped at step {stopped.group(1)}, latest {latest_name(run)}; "
-                         f"expected step{step} (the save it was in)")
+                            f"expected step{step} (the save it was in)")
     corrupt, _ = audit(run, final=False)
     res.corrupt += corrupt
     what += f": rc {rc}, latest {latest_name(run)}"
@@ -549,7 +596,7 @@ def sigterm_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
     if err:
         res.problems.append(f"resume failed: {err}")
     check_end(run, ref, res)
-    return res, f"{what} -> {runs} run(s) to finish"
+    return res, f"{what} -> resumed in {runs} run(s)"
 
 
 def verdict(res: Result) -> str:
@@ -582,15 +629,18 @@ def main() -> int:
         w = len(str(args.trials))
         for i in range(1, args.trials + 1):
             t0 = time.perf_counter()
-            res, line = kill_trial(i, work / f"trial{i:02d}", tokens, ref, rng)
+            res, line = kill_trial(work / f"trial{i:02d}", tokens, ref, rng)
             resumed += res.resumed
             identical += res.identical
             corrupt += len(res.corrupt)
             failed |= not res.ok
             print(f"trial {i:>{w}}/{args.trials} {line}: {verdict(res)} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        for name, trial in (("disk-full", disk_full_trial), ("sigterm", sigterm_trial)):
-            res, line = trial(work / name, tokens, ref, rng)
+        extra = [("disk-full (check_free_space)", partial(disk_full_trial, check=True)),
+                 ("disk-full (no check)", partial(disk_full_trial, check=False)),
+                 ("sigterm", sigterm_trial)]
+        for n, (name, trial) in enumerate(extra):
+            res, line = trial(work / f"extra{n}", tokens, ref, rng)
             if res is None:
                 print(f"{name}: {line}", flush=True)
                 continue

@@ -212,7 +212,11 @@ class Trainer:
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.saved_config_yaml())
+            # atomically: a kill mid-write must not leave a torn config.yaml that
+            # `kiln train RUN_DIR` would then read
+            tmp = self.run_dir / ".config.yaml.tmp"
+            tmp.write_text(self.saved_config_yaml())
+            os.replace(tmp, self.run_dir / "config.yaml")
             self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
                                                       truncate_after=self.step))
             if cfg.log.console:
