@@ -76,6 +76,11 @@ def is_sharded(path: Path) -> bool:
     return (path / SHARDED / ".metadata").is_file()
 
 
+def weights_path(path: Path) -> Path:
+    """Where a checkpoint's weights live: model.safetensors, or the dcp/ folder if sharded."""
+    return path / (SHARDED if is_sharded(path) else "model.safetensors")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoints_dir(run_dir)
@@ -543,8 +548,7 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def check_resumable(path: Path, run_dir: Path) -> None:
     """Refuse to resume from a checkpoint that lacks a part an exact resume needs."""
-    need = ["rng.pt"] + ([] if is_sharded(path) else ["optim.pt"])
-    gone = [n for n in need if not (path / n).is_file()]
+    gone = [n for n in resume_parts(path) if not (path / n).is_file()]
     if gone:
         f = path / gone[0]
         fresh = " --init.load_optimizer=false" if gone[0] == "optim.pt" else ""
@@ -555,13 +559,19 @@ def check_resumable(path: Path, run_dir: Path) -> None:
         )
 
 
+def resume_parts(path: Path) -> list[str]:
+    """The files beyond weights and metadata that an exact resume needs (a sharded
+    checkpoint keeps its optimizer state in dcp/)."""
+    return ["optim.pt", "rng.pt"] if not is_sharded(path) else ["rng.pt"]
+
+
 def resume_problems(path: Path) -> list[str]:
     """Cheap reasons (no tensor read) why `path` cannot be resumed exactly: parts that are
     missing, or torch files whose archive is truncated."""
     import zipfile
 
     problems = []
-    for name in ["optim.pt", "rng.pt"] if not is_sharded(path) else ["rng.pt"]:
+    for name in resume_parts(path):
         f = path / name
         if not f.is_file():
             problems.append(f"{name} is missing")

@@ -158,20 +158,14 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
     if p.is_dir():
         import math
 
-        import torch
-
         from kiln.config import config_from_dict
-        from kiln.model import Transformer
+        from kiln.start import check_model_shape
 
         path = ckpt.resolve(p)
         trainer, raw_config = ckpt.read_meta(path)
         cfg = config_from_dict(raw_config)
-        shapes = ckpt.tensor_shapes(path)
-        with torch.device("meta"):  # the weights must be the config's model (headers only)
-            model = Transformer(cfg.model)
-        weights = path / (ckpt.SHARDED if ckpt.is_sharded(path) else "model.safetensors")
-        ckpt.check_shapes(shapes, model.state_dict(), weights, tied=cfg.model.tie_embeddings)
-        n_params = sum(math.prod(s) for s in shapes.values())
+        check_model_shape(cfg, path)  # the weights must be the config's model (headers only)
+        n_params = sum(math.prod(s) for s in ckpt.tensor_shapes(path).values())
         problems = ckpt.resume_problems(path)
         kind = "sharded (torch.distributed.checkpoint)" if ckpt.is_sharded(path) else "unsharded"
         print(f"checkpoint      {path} ({kind})")

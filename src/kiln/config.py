@@ -740,9 +740,7 @@ def check_domains(obj: Any, prefix: str = "") -> None:
         dom = field_domain(type(obj), f.name) or Domain()
         problem = None
         if isinstance(value, Duration):
-            problem = dom.violation(value.value)
-            shown = f"{{value: {_num(value.value) if math.isfinite(value.value) else value.value}"
-            shown += f", unit: {value.unit}}}"
+            problem, shown = dom.violation(value.value), _show(value)
         elif isinstance(value, list) and not all(isinstance(v, str) for v in value):
             shown = str(value)
             if dom.items is not None and len(value) != dom.items:
@@ -765,8 +763,14 @@ def _default_of(cls: type, f: dataclasses.Field) -> str:
         v = f.default_factory()
     else:
         return "not set"
+    return _show(v)
+
+
+def _show(v: Any) -> str:
+    """A config value as a user would write it (a duration as YAML)."""
     if isinstance(v, Duration):
-        return f"{{value: {_num(v.value)}, unit: {v.unit}}}"
+        value = _num(v.value) if math.isfinite(v.value) else v.value
+        return f"{{value: {value}, unit: {v.unit}}}"
     return "null" if v is None else str(v)
 
 

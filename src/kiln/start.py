@@ -82,8 +82,7 @@ def check_model_shape(cfg: Config, source: Path) -> None:
 
     with torch.device("meta"):
         expected = Transformer(cfg.model).state_dict()
-    weights = source / (ckpt.SHARDED if ckpt.is_sharded(source) else "model.safetensors")
-    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, weights,
+    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, ckpt.weights_path(source),
                       tied=cfg.model.tie_embeddings)
 
 

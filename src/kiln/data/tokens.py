@@ -140,7 +140,7 @@ class TokenFile:
                 f = cls(p, tokens, None, meta)
                 lo, _ = f.id_range()
                 if lo < 0:
-                    pos = f.first_outside(0, None)
+                    pos = f.first_negative()
                     raise KilnError(
                         f"token file '{p}' is a signed {tokens.dtype} array holding negative id "
                         f"{lo} (first at position {pos:,}); token ids are never negative: "
@@ -209,11 +209,10 @@ class TokenFile:
             self._range = (int(lo), int(hi))  # type: ignore[arg-type]
         return self._range
 
-    def first_outside(self, lo: int, hi: int | None) -> int | None:
-        """Position of the first id < lo or >= hi (hi None: no upper bound), or None."""
+    def first_negative(self) -> int | None:
+        """Position of the first negative id (a signed file), or None."""
         for start in range(0, len(self), _SCAN_CHUNK):
-            chunk = self._tokens[start : start + _SCAN_CHUNK]
-            bad = chunk < lo if hi is None else (chunk < lo) | (chunk >= hi)
+            bad = self._tokens[start : start + _SCAN_CHUNK] < 0
             if bad.any():
                 return start + int(np.argmax(bad))
         return None

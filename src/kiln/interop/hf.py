@@ -471,8 +471,7 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
 
     with ckpt.staged_folder(out) as staging:
         state = _read_kiln_weights(path)
-        weights = path / (ckpt.SHARDED if ckpt.is_sharded(path) else "model.safetensors")
-        hf_state = _kiln_to_hf_state(state, mc, arch, weights)
+        hf_state = _kiln_to_hf_state(state, mc, arch, ckpt.weights_path(path))
         del state
         dtypes = {t.dtype for t in hf_state.values()}
         dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
