@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -18,7 +22,7 @@ from tokenizers.processors import TemplateProcessing
 
 from kiln.data import prepare as prepare_mod
 from kiln.data.prepare import add_prepare_arguments, prepare, run_prepare
-from kiln.data.tokens import TokenFile, check_vocab
+from kiln.data.tokens import TokenFile, check_vocab, open_token_files, resolve_paths
 from kiln.errors import KilnError
 
 VOCAB = 1000
@@ -327,6 +331,9 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path):
         prepare([str(tmp_path / "blank.txt")], out, vocab_size=300, progress=False)
     with pytest.raises(KilnError, match="--vocab-size"):
         prepare([str(tmp_path / "blank.txt")], out, progress=False)
+    with pytest.raises(KilnError, match="sidecar over tokenizer.json"):
+        prepare([str(tmp_path / "blank.txt")], out, tokenizer=tok, name="tokenizer",
+                progress=False)
     with pytest.raises(KilnError, match="is not a HF tokenizers tokenizer.json"):
         prepare([str(tmp_path / "blank.txt")], out, tokenizer=str(tmp_path / "data.csv"),
                 progress=False)
@@ -341,3 +348,111 @@ def test_tokenizer_without_an_eos_token_is_an_error(tmp_path):
     with pytest.raises(KilnError, match="no end-of-text token"):
         prepare([str(tmp_path / "a.txt")], tmp_path / "out",
                 tokenizer=str(tmp_path / "noeos.json"), progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# --overwrite swaps a staged set in: a kill leaves the old set or a refusal, never a mix
+
+_PREPARE_CODE = ("import argparse, sys; from kiln.data.prepare import add_prepare_arguments, "
+                 "run_prepare; p = argparse.ArgumentParser(); add_prepare_arguments(p); "
+                 "sys.exit(run_prepare(p.parse_args()))")
+
+
+def prepare_process(*args, crash: str, cli: bool = False) -> subprocess.CompletedProcess:
+    """``kiln prepare ARGS`` in its own process, SIGKILLed at ``crash`` (KILN_PREPARE_CRASH).
+
+    ``cli`` runs the real ``python -m kiln prepare``; otherwise the same arguments go through
+    kiln.data.prepare alone, which starts faster (the kiln CLI imports torch)."""
+    cmd = ["-m", "kiln", "prepare"] if cli else ["-c", _PREPARE_CODE]
+    return subprocess.run([sys.executable, *cmd, *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KILN_PREPARE_CRASH": crash})
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file directly in ``out`` (hidden ones too), by name."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def old_output(trained: Path, tmp_path: Path) -> Path:
+    """OUT holding a finished prepare with the trained tokenizer."""
+    out = tmp_path / "out"
+    prepare([str(write_jsonl(tmp_path / "old.jsonl", DOCS[:10]))], out,
+            tokenizer=str(trained / "tokenizer.json"), progress=False)
+    return out
+
+
+def test_overwrite_killed_before_the_swap_leaves_the_old_files(trained, tmp_path):
+    out = old_output(trained, tmp_path)
+    before = snapshot(out)
+    new = write_jsonl(tmp_path / "new.jsonl", DOCS[10:30])
+    done = prepare_process(new, "--out", out, "--vocab-size", 300, "--overwrite",
+                           crash="staged", cli=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert snapshot(out) == before  # tokens.bin, tokens.json and tokenizer.json untouched
+    [stage] = out.glob(".prepare-tokens-*")  # the killed prepare's, with the full new set
+    assert sorted(p.name for p in stage.iterdir()) == ["incomplete", "tokenizer.json",
+                                                       "tokens.bin", "tokens.json"]
+    # The old set still reads, and no data path reaches into the staging folder.
+    assert TokenFile.open(out / "tokens.bin").meta["documents"] == 10
+    for pattern in (out, out / "*.bin", out / "**" / "*.bin", out / "*"):
+        assert resolve_paths([pattern]) == [(out / "tokens.bin").resolve()], pattern
+
+
+@pytest.mark.parametrize("crash", ["marked", "tokenizer", "data"])
+def test_overwrite_killed_inside_the_swap_is_refused_then_repaired(trained, tmp_path, crash):
+    out = old_output(trained, tmp_path)
+    new = write_jsonl(tmp_path / "new.jsonl", DOCS[10:30])
+    done = prepare_process(new, "--out", out, "--vocab-size", 300, "--overwrite", crash=crash)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    # Old, new or mixed files: whatever is there is refused with the way out, not misread.
+    for pattern in (out / "tokens.bin", out):
+        with pytest.raises(KilnError, match=r"tokens\.json' marks a kiln prepare that stopped "
+                                            r"while replacing .*re-run kiln prepare --overwrite"):
+            open_token_files([pattern])
+    with pytest.raises(KilnError, match="exists; pass --overwrite"):
+        prepare([str(new)], out, vocab_size=300, progress=False)
+    prepare([str(new)], out, vocab_size=300, overwrite=True, progress=False)
+    assert TokenFile.open(out / "tokens.bin").meta["documents"] == 20
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "tokens.bin", "tokens.json"]
+
+
+def test_overwrite_replaces_all_three_files_and_leaves_no_staging(trained, tmp_path):
+    out = old_output(trained, tmp_path)
+    before = snapshot(out)
+    new = write_jsonl(tmp_path / "new.jsonl", DOCS[10:30])
+    prepare([str(new)], out, vocab_size=300, overwrite=True, progress=False)
+    after = snapshot(out)
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "tokens.bin", "tokens.json"]
+    assert all(after[n] != before[n] for n in before)
+    f = TokenFile.open(out / "tokens.bin")
+    assert f.meta["documents"] == 20
+    assert f.meta["tokenizer_file_sha256"] == hashlib.sha256(after["tokenizer.json"]).hexdigest()
+    assert tokenizer_of(out).get_vocab_size() == 300
+
+
+def test_next_prepare_removes_staging_folders_of_dead_prepares_only(trained, tmp_path):
+    out = old_output(trained, tmp_path)
+    new = write_jsonl(tmp_path / "new.jsonl", DOCS[10:20])
+    done = prepare_process(new, "--out", out, "--tokenizer", trained / "tokenizer.json",
+                           "--name", "val", crash="staged")
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    [dead] = out.glob(".prepare-val-*")  # the killed prepare's
+    live = out / f".prepare-other-{os.getppid()}"  # a running process: maybe a live prepare
+    live.mkdir()
+    prepare([str(new)], out, tokenizer=str(trained / "tokenizer.json"), name="val",
+            progress=False)
+    assert not dead.exists() and live.is_dir()
+    assert sorted(os.listdir(out)) == [live.name, "tokenizer.json", "tokens.bin", "tokens.json",
+                                       "val.bin", "val.json"]
+
+
+def test_a_tokenizer_replaced_under_another_token_file_is_refused(trained, tmp_path):
+    out = old_output(trained, tmp_path)
+    # --overwrite of another name with another tokenizer replaces the shared tokenizer.json.
+    prepare([str(write_jsonl(tmp_path / "v.jsonl", DOCS[10:20]))], out, vocab_size=300,
+            name="val", overwrite=True, progress=False)
+    assert TokenFile.open(out / "val.bin").meta["documents"] == 10
+    with pytest.raises(KilnError, match=r"tokenizer\.json' is not the tokenizer .*tokens\.bin' "
+                                        r"was made with .*re-run kiln prepare --overwrite"):
+        TokenFile.open(out / "tokens.bin")

@@ -10,6 +10,12 @@ Document boundaries come from the input format alone: text that happens to spell
 end-of-text token (``"<|endoftext|>"`` in a document about tokenizers, say) is tokenized as
 ordinary text, so it never becomes an EOS id, never splits a document, and decodes back to
 itself.
+
+Replacing outputs: everything is written and fsynced into a hidden staging folder
+``OUT/.prepare-NAME-PID/`` first; a kill or error before the swap leaves OUT as it was. The swap
+is four renames: a marker sidecar over ``NAME.json`` (readers refuse it), then tokenizer.json,
+then ``NAME.bin``, then the real sidecar, which names the sha256 of the tokenizer it belongs to.
+So a reader sees the old set, the new set, or a one-line refusal; never a mismatched mix.
 """
 
 from __future__ import annotations
@@ -21,13 +27,20 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
+import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln.data.tokens import TokenWriter, dtype_for_vocab, sidecar_path
+from kiln.data.tokens import (
+    FORMAT,
+    INCOMPLETE,
+    TokenWriter,
+    dtype_for_vocab,
+    sidecar_path,
+)
 from kiln.errors import KilnError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -332,17 +345,73 @@ def find_eos(tokenizer: Any) -> tuple[str, int] | None:
     return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# --------------------------------------------------------------------------------------------
+# Staging and the swap (see the module docstring)
+
+_STAGING = ".prepare-"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders of prepares that were killed (their pid no longer runs)."""
+    for d in out.glob(f"{_STAGING}*"):
+        pid = d.name.rpartition("-")[2]
+        if d.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _crash_point(point: str) -> None:
+    """KILN_PREPARE_CRASH=POINT kills this process (SIGKILL) at that point: a drill for tests."""
+    if os.environ.get("KILN_PREPARE_CRASH") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _refuse_existing(bin_path: Path, tok_path: Path, tok_bytes: bytes) -> None:
+    """Without --overwrite: refuse outputs that exist (the tokenizer only if it differs)."""
+    for p in (bin_path, sidecar_path(bin_path)):
+        if p.exists():
+            raise KilnError(f"output '{p}' exists; pass --overwrite or choose another --out")
+    if tok_path.exists() and tok_path.read_bytes() != tok_bytes:
+        raise KilnError(f"'{tok_path}' exists and holds a different tokenizer; pass "
+                        "--overwrite or choose another --out")
+
+
+def _swap_in(stage: Path, bin_path: Path, tok_path: Path) -> None:
+    """Move the staged files into place: marker sidecar, tokenizer, data, real sidecar."""
+    sidecar = sidecar_path(bin_path)
+    os.replace(stage / INCOMPLETE, sidecar)
+    _crash_point("marked")
+    if (stage / tok_path.name).exists():  # absent when OUT already holds the same tokenizer
+        os.replace(stage / tok_path.name, tok_path)
+    _crash_point("tokenizer")
+    os.replace(stage / bin_path.name, bin_path)
+    _crash_point("data")
+    os.replace(stage / sidecar.name, sidecar)
+    _fsync_dir(bin_path.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,10 +432,14 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``out_dir/name.bin`` (+ sidecar, + tokenizer.json).
 
-    Returns the sidecar dict. On any error nothing new is left under the output names.
+    Returns the sidecar dict. On any error or kill before the swap, ``out_dir`` keeps its old
+    files (see the module docstring).
     """
     if not name or name.startswith(".") or any(c in name for c in "/\\"):
         raise KilnError(f"--name {name!r} must be a plain file name without folders")
+    if f"{name}.json" == _TOKENIZER_FILE:
+        raise KilnError(f"--name {name!r} would put its sidecar over {_TOKENIZER_FILE}; pick "
+                        "another name")
     if batch_size < 1:
         raise KilnError("--batch-size must be at least 1")
     if tokenizer is not None and vocab_size is not None:
@@ -390,6 +463,8 @@ def prepare(
         for p in (bin_path, sidecar_path(bin_path)):
             if p.exists():
                 raise KilnError(f"output '{p}' exists; pass --overwrite or choose another --out")
+    if out.is_dir():
+        _remove_stale_staging(out)
 
     files = find_inputs(inputs)
     corpus = _Corpus(files, text_field, batch_size)
@@ -409,9 +484,8 @@ def prepare(
                 raise KilnError(f"no documents found in {', '.join(map(str, inputs))}; every "
                                 "input was empty or blank")
             tok_bytes = tok.to_str(pretty=True).encode("utf-8")
-        if tok_path.exists() and not overwrite and tok_path.read_bytes() != tok_bytes:
-            raise KilnError(f"'{tok_path}' exists and holds a different tokenizer; pass "
-                            "--overwrite or choose another --out")
+        if not overwrite:
+            _refuse_existing(bin_path, tok_path, tok_bytes)
 
         eos = find_eos(tok)
         if eos is None:
@@ -426,27 +500,41 @@ def prepare(
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
         out.mkdir(parents=True, exist_ok=True)
-        with TokenWriter(bin_path, eos_token_id=eos[1], dtype=dtype_for_vocab(top),
-                         vocab_size=vocab, tokenizer=_TOKENIZER_FILE, tokenizer_sha256=sha,
-                         sources=[str(f) for f in files], overwrite=overwrite) as writer:
-            meter = start("tokenizing")
-            batch: list[str] = []
-            for text in corpus.documents(meter):
-                batch.append(text)
-                if len(batch) >= batch_size:
+        stage = out / f"{_STAGING}{name}-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            with TokenWriter(stage / bin_path.name, eos_token_id=eos[1],
+                             dtype=dtype_for_vocab(top), vocab_size=vocab,
+                             tokenizer=_TOKENIZER_FILE, tokenizer_sha256=sha,
+                             tokenizer_file_sha256=hashlib.sha256(tok_bytes).hexdigest(),
+                             sources=[str(f) for f in files]) as writer:
+                meter = start("tokenizing")
+                batch: list[str] = []
+                for text in corpus.documents(meter):
+                    batch.append(text)
+                    if len(batch) >= batch_size:
+                        for enc in encode(batch, add_special_tokens=False):
+                            writer.write(enc.ids)
+                        batch.clear()
+                if batch:
                     for enc in encode(batch, add_special_tokens=False):
                         writer.write(enc.ids)
-                    batch.clear()
-            if batch:
-                for enc in encode(batch, add_special_tokens=False):
-                    writer.write(enc.ids)
-            meter.flush()
-            if writer.documents == 0:
-                raise KilnError(f"no documents found in {', '.join(map(str, inputs))}; every "
-                                "input was empty or blank")
-            # The tokenizer goes in just before the data, so an error above leaves nothing.
-            if not (tok_path.exists() and tok_path.read_bytes() == tok_bytes):
-                _write_atomic(tok_path, tok_bytes)
+                meter.flush()
+                if writer.documents == 0:
+                    raise KilnError(f"no documents found in {', '.join(map(str, inputs))}; "
+                                    "every input was empty or blank")
+            if not (tok_path.is_file() and tok_path.read_bytes() == tok_bytes):
+                _write_synced(stage / _TOKENIZER_FILE, tok_bytes)
+            _write_synced(stage / INCOMPLETE, (json.dumps(
+                {"format": FORMAT, INCOMPLETE: True}) + "\n").encode("utf-8"))
+            _fsync_dir(stage)
+            _crash_point("staged")
+            if not overwrite:
+                _refuse_existing(bin_path, tok_path, tok_bytes)  # it may have appeared since
+            _swap_in(stage, bin_path, tok_path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     assert writer.meta is not None
     return {**writer.meta, "skipped_empty": meter.skipped}
 

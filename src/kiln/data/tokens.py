@@ -13,7 +13,9 @@ Three kinds are read:
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +36,8 @@ _SCAN_CHUNK = 1 << 24
 """Tokens per chunk when scanning a file for its largest id (64 MiB of uint32 at most)."""
 _FLUSH_TOKENS = 1 << 20
 """Tokens TokenWriter buffers in memory before writing them out."""
+INCOMPLETE = "incomplete"
+"""Sidecar key that marks its files as being replaced (see kiln.data.prepare): never read."""
 
 
 def sidecar_path(bin_path: str | Path) -> Path:
@@ -78,7 +82,25 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
             f"sidecar '{sc}' has format {fmt!r} but this kiln reads {FORMAT!r}; "
             "upgrade kiln or re-run kiln prepare"
         )
+    if meta.get(INCOMPLETE):
+        raise KilnError(f"'{sc}' marks a kiln prepare that stopped while replacing '{path}'; "
+                        "re-run kiln prepare --overwrite")
     return meta
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (cached while its inode, size and mtime stay the same)."""
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class TokenFile:
@@ -166,7 +188,15 @@ class TokenFile:
         if meta and "tokens" in meta and int(meta["tokens"]) != tokens.shape[0]:
             raise KilnError(
                 f"token file '{p}' holds {tokens.shape[0]} tokens but its sidecar says "
-                f"{meta['tokens']}; the file was truncated or replaced, re-run kiln prepare"
+                f"{meta['tokens']}; the file was truncated or replaced, re-run kiln prepare "
+                "--overwrite"
+            )
+        tok_path = p.parent / meta["tokenizer"] if meta.get("tokenizer") else None
+        want = meta.get("tokenizer_file_sha256")
+        if want and tok_path is not None and tok_path.is_file() and file_sha256(tok_path) != want:
+            raise KilnError(
+                f"'{tok_path}' is not the tokenizer '{p}' was made with (its sha256 differs "
+                f"from the one in {sidecar_path(p)}); re-run kiln prepare --overwrite"
             )
         eos = meta.get("eos_token_id") if meta else None
         if eos is not None and eos_token_id is not None and int(eos) != int(eos_token_id):
@@ -334,6 +364,7 @@ class TokenWriter:
         vocab_size: int | None = None,
         tokenizer: str | None = None,
         tokenizer_sha256: str | None = None,
+        tokenizer_file_sha256: str | None = None,
         sources: Sequence[str] | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -350,6 +381,7 @@ class TokenWriter:
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.tokenizer_sha256 = tokenizer_sha256
+        self.tokenizer_file_sha256 = tokenizer_file_sha256
         self.sources: list[str] = list(sources or [])
         self.overwrite = overwrite
         self.documents = 0
@@ -428,6 +460,7 @@ class TokenWriter:
             "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer,
             "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizer_file_sha256": self.tokenizer_file_sha256,
             "documents": self.documents,
             "tokens": self.tokens,
             "max_token_id": self.max_token_id,
