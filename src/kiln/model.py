@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
+from kiln.losses import linear_cross_entropy
 
 if TYPE_CHECKING:
     from kiln.generate import KVCache
@@ -270,9 +271,16 @@ class Transformer(nn.Module):
             c = self._rope_cache = rope_cos_sin(self.cfg.head_dim, self.cfg.rope_theta, n, device)
         return c
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, *,
+                targets: Tensor | None = None, z_loss: float = 0.0
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
-        positions cache.length ..; their keys/values are appended and cache.length advances."""
+        positions cache.length ..; their keys/values are appended and cache.length advances.
+
+        With targets [B, T] (training) it returns ``(loss, ce)`` from
+        :func:`kiln.losses.linear_cross_entropy` instead, which never makes the full logits.
+        The loss is computed here, inside forward, so that DDP / FSDP2 hooks see it and the
+        head's weight is the gathered one."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -287,7 +295,11 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache.layer(i) if cache is not None else None, start)
         if cache is not None:
             cache.length = start + T
-        return self.lm_head(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
+                                        targets.reshape(-1), z_loss=z_loss)
+        return self.lm_head(x)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
