@@ -76,6 +76,9 @@ def bad_values(cls: type, f: dataclasses.Field) -> list[str]:
         return ["not-a-choice"]
     if origin in (Union, __import__("types").UnionType):  # bool | Literal["auto"]
         return ["maybe"]
+    if tp is str:  # a text field outside FREE must declare the form it accepts
+        assert dom is not None and dom.pattern, "a text field must declare its Domain pattern"
+        return ["not-a-form", "''", str(f.default) + " 0", str(f.default) + "x"]
     if tp in (int, float) or tp is Duration or origin is list:
         assert dom is not None, "a numeric field must declare its Domain"
     if tp is int:

@@ -133,6 +133,11 @@ def test_foreign_empty_optimizer_state_is_refused_on_resume(six_steps):
     state = torch.load(optim, weights_only=True)
     torch.save({"state": {}, "param_groups": state["param_groups"]}, optim)
     before = snapshot(run)
+    out = kiln_here("train", run, "--trainer.hard_stop=null")  # its manifest gives it away
+    assert_one_line_error(out, "step6/optim.pt is", "manifest says", "--resume-from=step3")
+    # without a manifest (a checkpoint of an earlier kiln), its contents give it away
+    (run / "checkpoints" / "step6" / "manifest.json").unlink()
+    before = snapshot(run)
     out = kiln_here("train", run, "--trainer.hard_stop=null")
     assert_one_line_error(out, "step6/optim.pt", "no Adam state", "init.load_optimizer=false")
     assert snapshot(run) == before
@@ -145,6 +150,7 @@ def test_generate_refuses_a_checkpoint_missing_a_tensor(six_steps):
     gone = next(k for k in sorted(state) if k.startswith("blocks.1."))
     del state[gone]
     save_file(state, str(weights))
+    ckpt.write_manifest(weights.parent, 6)  # consistent with the new file: the loader decides
     out = kiln_here("generate", run, "--prompt", "The")
     assert_one_line_error(out, "model.safetensors", gone)
 

@@ -56,6 +56,14 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def forge_manifest(step: Path) -> None:
+    """What an attacker who plants a file would also do: record it in the manifest, so that
+    the size check passes and the loaders themselves must refuse the file."""
+    from kiln import checkpoint as ckpt
+
+    ckpt.write_manifest(step, ckpt.step_of(step))
+
+
 def commands(run: Path, config: Path, out: Path) -> dict[str, list]:
     """Every command that reads a checkpoint, pointed at `run`."""
     return {
@@ -86,6 +94,7 @@ def test_malicious_dcp_metadata_is_never_unpickled(runs, tmp_path, variant):
     step = run / "checkpoints" / "step6"
     (step / "dcp").mkdir(exist_ok=True)
     (step / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    forge_manifest(step)
     before = snapshot(run)
     for name, out in kiln_all(commands(run, runs["config"], tmp_path / "out")).items():
         # schedule reads metadata only; it may show the saved schedule without the weights
@@ -112,6 +121,7 @@ def test_malicious_item_inside_a_sharded_checkpoint_is_never_unpickled(runs, tmp
     state["optim"]["param_groups"][0]["lr"] = Payload(marker)
     shutil.rmtree(folder)
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    forge_manifest(folder.parent)
     every = commands(run, runs["config"], tmp_path / "out")
     chosen = ("export hf", "checkpoint unshard", "resume", "train --init.from")
     for name, out in kiln_all({name: every[name] for name in chosen}).items():
@@ -125,6 +135,7 @@ def test_malicious_optimizer_or_rng_file_is_refused(runs, tmp_path, part):
     run = copy_run(runs["unsharded"], tmp_path / "run")
     marker = tmp_path / "PWNED"
     torch.save(Payload(marker), run / "checkpoints" / "step6" / part)
+    forge_manifest(run / "checkpoints" / "step6")
     before = snapshot(run)
     every = commands(run, runs["config"], tmp_path / "out")
     for name, out in kiln_all({n: every[n] for n in ("resume", "train --init.from")}).items():
@@ -157,6 +168,7 @@ def test_plain_pickle_instead_of_a_torch_file_is_refused(runs, tmp_path):
     run = copy_run(runs["unsharded"], tmp_path / "run")
     marker = tmp_path / "PWNED"
     (run / "checkpoints" / "step6" / "optim.pt").write_bytes(pickle.dumps(Payload(marker)))
+    forge_manifest(run / "checkpoints" / "step6")
     out = kiln("train", run)
     assert_safe(out, marker, "optim.pt")
 

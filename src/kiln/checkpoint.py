@@ -8,14 +8,21 @@ Layout of ``RUN_DIR/checkpoints/step{N}/``::
     trainer.json        step, tokens seen, data position, LR schedule segments, ...
     config.yaml         the resolved config of the run that wrote it
     tokenizer.json      the tokenizer of the training data (when known)
+    manifest.json       every other file's size and SHA-256, the kiln version, the config hash
 
 A checkpoint is written to a hidden temporary folder, every file is fsynced, and the folder
 is renamed into place; ``checkpoints/latest`` then names it. A crash at any moment leaves
 either the old set of checkpoints or the new one, never a half-written ``step{N}``.
+
+Loading checks the size of every tensor file it reads against the manifest (a file truncated
+or replaced later is refused in one line naming it); ``kiln checkpoint verify`` also checks
+every checksum. Checkpoints written before manifests existed load without these checks.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -31,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from kiln import __version__
 from kiln.errors import KilnError, warn
 from kiln.safeload import (
     dcp_load,
@@ -43,6 +51,7 @@ from kiln.safeload import (
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 REQUIRED = ("trainer.json", "config.yaml")
+MANIFEST = "manifest.json"
 SHARDED = "dcp"  # folder of a sharded checkpoint written by torch.distributed.checkpoint
 
 
@@ -114,13 +123,85 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if STEP_DIR.match(name) and is_complete(candidate):
             return candidate
         if STEP_DIR.match(name) and candidate.is_dir():
-            older = f"; to resume from {found[-1].name}, move it out of {root}" if found else ""
+            older = (f"; to resume from {found[-1].name}: kiln train {run_dir} "
+                     f"--resume-from={found[-1].name}" if found else "")
             raise KilnError(f"checkpoint {candidate} (named by {pointer}) is damaged: "
                             f"{', '.join(missing_parts(candidate))} missing{older}")
         if found:
             warn(f"{pointer} names {name!r}, which does not exist; using {found[-1]}, the newest "
                  "complete checkpoint")
     return found[-1] if found else None
+
+
+STATE_PARTS = ["model.safetensors", "optim.pt", "rng.pt", SHARDED]
+WEIGHT_PARTS = ["model.safetensors", SHARDED]
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def resume_point(run_dir: str | Path, resume_from: str | None = None) -> Path | None:
+    """The checkpoint `kiln train RUN_DIR` resumes from: the one `latest` names, or the
+    `--resume-from` one. Refused when its weights are not the size the manifest records,
+    offering the newest earlier checkpoint that passes (the optimizer and RNG state are
+    checked when the run loads them, see check_resumable; a plan reads the weights alone)."""
+    root = checkpoints_dir(run_dir)
+    if resume_from is not None:
+        name = resume_from if resume_from.startswith("step") else f"step{resume_from}"
+        p = root / name
+        if not STEP_DIR.match(name) or not is_complete(p):
+            have = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
+            raise KilnError(f"--resume-from={resume_from}: {p} is not a complete checkpoint; "
+                            f"complete ones in {root}: {have}")
+        problems = manifest_problems(p, WEIGHT_PARTS)
+        if problems:
+            raise KilnError(f"--resume-from={resume_from}: {problems[0]}; "
+                            f"{_passing_offer(run_dir, p)}")
+        return p
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and (problems := manifest_problems(latest, WEIGHT_PARTS)):
+        raise KilnError(f"{problems[0]}, so {latest.name} cannot be resumed; "
+                        f"{_passing_offer(run_dir, latest)}")
+    return latest
+
+
+def _passing_offer(run_dir: str | Path, bad: Path) -> str:
+    older = [c for c in list_checkpoints(run_dir)
+             if step_of(c) < step_of(bad) and not manifest_problems(c, STATE_PARTS)]
+    if not older:
+        return "no earlier checkpoint passes; restore the file from a copy"
+    return (f"resume from the newest checkpoint that passes: kiln train {run_dir} "
+            f"--resume-from={older[-1].name}")
+
+
+def rewind_to(run_dir: str | Path, source: Path) -> None:
+    """Make `source` the latest checkpoint (for --resume-from). Newer checkpoint folders that
+    are incomplete or fail their size check are kept aside as stepN-damaged-K (nothing is
+    deleted); newer intact ones stay until this run's saves replace them."""
+    root = checkpoints_dir(run_dir)
+    for p in sorted(root.iterdir()):
+        if (STEP_DIR.match(p.name) and p.is_dir() and step_of(p) > step_of(source)
+                and (not is_complete(p) or manifest_problems(p, STATE_PARTS))):
+            aside = _put_aside(p)
+            warn(f"{p} is damaged; kept it as {aside} (resuming from {source.name})")
+    _point_latest(root, source.name)
+
+
+def _put_aside(p: Path) -> Path:
+    n = 1
+    while (aside := p.with_name(f"{p.name}-damaged-{n}")).exists():
+        n += 1
+    os.rename(p, aside)
+    return aside
+
+
+def _point_latest(root: Path, name: str) -> None:
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    _fsync_file(pointer_tmp)
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
 
 
 def resolve(path: str | Path) -> Path:
@@ -193,7 +274,7 @@ def save_sharded_state(state: dict[str, Any], tmp: Path) -> None:
     except (Exception, CheckpointException) as e:  # disk full, permissions: same promise as
         shutil.rmtree(tmp, ignore_errors=True)  # the unsharded save
         raise KilnError(f"could not write sharded checkpoint shards in {tmp} "
-                        f"({_save_failure(dcp_root_cause(e), tmp.parent)}); earlier checkpoints "
+                        f"({save_failure(dcp_root_cause(e), tmp.parent)}); earlier checkpoints "
                         "are untouched and the partial one was removed; free disk space and "
                         "resume") from None
 
@@ -211,7 +292,7 @@ def free_bytes(run_dir: str | Path) -> tuple[int, Path]:
     return shutil.disk_usage(where).free, where
 
 
-def _save_failure(e: BaseException, where: Path) -> str:
+def save_failure(e: BaseException, where: Path) -> str:
     """One line on why a write failed, with the free space where it was written."""
     try:
         free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free in {where}"
@@ -221,6 +302,17 @@ def _save_failure(e: BaseException, where: Path) -> str:
     if "No space left" in text or getattr(e, "errno", None) == 28 or "unexpected pos" in text:
         text = "no space left on device"
     return f"{text[:160]}; {free}"
+
+
+_faults_done = [0]
+
+
+def _injected_fault() -> None:
+    """KILN_FAULT_SAVE=N: the first N saves of this process fail with an I/O error after
+    writing their weights (a drill for checkpoint.on_save_error and for the cleanup)."""
+    if _faults_done[0] < int(os.environ.get("KILN_FAULT_SAVE") or 0):
+        _faults_done[0] += 1
+        raise OSError(errno.EIO, "Input/output error (injected by KILN_FAULT_SAVE)")
 
 
 def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | None,
@@ -240,6 +332,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         if model is not None:
             save_file(dedupe_tied(model), str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
+        _injected_fault()
         if optim is not None:
             torch.save(optim, tmp / "optim.pt")
         if rng is not None:
@@ -248,16 +341,14 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        write_manifest(tmp, step)
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_file(f)
         _fsync_dir(tmp)
         old = None
         if final.exists() and not is_complete(final):  # damaged by hand: keep it aside
-            n = 1
-            while (aside := root / f"step{step}-damaged-{n}").exists():
-                n += 1
-            os.rename(final, aside)
+            aside = _put_aside(final)
             warn(f"{final} was damaged ({', '.join(missing_parts(final))} missing); kept it as "
                  f"{aside} and wrote a new {final.name}")
         elif final.exists():  # a step{N} written before a rewind: swap, then delete it
@@ -265,11 +356,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
-        pointer_tmp = root / ".latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        _fsync_file(pointer_tmp)
-        os.replace(pointer_tmp, root / "latest")
-        _fsync_dir(root)
+        _point_latest(root, final.name)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except Exception as e:  # noqa: BLE001 - OSError, torch's and safetensors' own errors
@@ -277,7 +364,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         pointer_tmp = root / ".latest.tmp"
         pointer_tmp.unlink(missing_ok=True)
         raise KilnError(
-            f"could not write checkpoint {final} ({_save_failure(e, root)}); earlier checkpoints "
+            f"could not write checkpoint {final} ({save_failure(e, root)}); earlier checkpoints "
             f"are untouched and the partial one was removed; free disk space and resume: kiln "
             f"train {run_dir}"
         ) from None
@@ -300,6 +387,91 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(gone, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests: what a checkpoint held when it was written
+
+
+def sha256_of(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record the size and SHA-256 of every file in `folder` (shards included), read back
+    from the page cache right after writing, in folder/manifest.json."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(sha256_of, files))
+    config = folder / "config.yaml"
+    manifest = {
+        "kiln_version": __version__,
+        "step": step,
+        "config_sha256": sha256_of(config) if config.is_file() else None,
+        "files": {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": d}
+                  for f, d in zip(files, digests)},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]] | None:
+    """{file: {"bytes", "sha256"}} from a checkpoint's manifest; None for a checkpoint written
+    before manifests. A damaged manifest is refused in one line."""
+    f = path / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        files = json.loads(f.read_text())["files"]
+        ok = isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int)
+            and isinstance(e.get("sha256"), str) and not Path(name).is_absolute()
+            and ".." not in Path(name).parts for name, e in files.items())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KilnError(f"{f} is damaged ({one_line(e)[:80]}); restore it, or delete it to load "
+                        "the checkpoint without size checks") from None
+    if not ok:
+        raise KilnError(f"{f} is damaged (a file entry is not {{bytes, sha256}}); restore it, or "
+                        "delete it to load the checkpoint without size checks")
+    return files
+
+
+def manifest_problems(path: Path, parts: list[str] | None = None,
+                      checksums: bool = False) -> list[str]:
+    """How `path` differs from its manifest: missing files, other sizes and (with `checksums`)
+    other contents. `parts` limits the check to those files and folders (e.g. "dcp")."""
+    files = read_manifest(path)
+    if files is None:
+        return []
+    problems = []
+    for name, entry in files.items():
+        if parts is not None and name not in parts and name.split("/")[0] not in parts:
+            continue
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif (size := f.stat().st_size) != entry["bytes"]:
+            problems.append(f"{f} is {size:,} bytes but the manifest says {entry['bytes']:,} "
+                            "(truncated or replaced)")
+        elif checksums and sha256_of(f) != entry["sha256"]:
+            problems.append(f"{f} does not match its SHA-256 in the manifest (changed after "
+                            "it was written)")
+    return problems
+
+
+def check_sizes(path: Path, parts: list[str], fix: str = "") -> None:
+    """Refuse, in one line naming the file, a part of `path` whose size is not the one its
+    manifest records."""
+    problems = manifest_problems(path, parts)
+    if problems:
+        raise KilnError(f"{problems[0]}; " + (fix or "restore it, or load an earlier checkpoint "
+                                              "(kiln checkpoint verify RUN_DIR lists those "
+                                              "that pass)"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +589,7 @@ def load(path: str | Path, *, with_optim: bool = True, with_rng: bool = False) -
     state, optimizer and RNG state only `with_optim` (what needs the weights alone reads the
     weights and config.yaml alone, so a damaged trainer.json or optim.pt does not stop it)."""
     p = resolve(path)
+    check_sizes(p, ["model.safetensors"] + ["optim.pt"] * with_optim + ["rng.pt"] * with_rng)
     try:
         model = load_file(str(p / "model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -515,6 +688,7 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     )
 
     if is_sharded(path):
+        check_sizes(path, [SHARDED])
         state = sharded_state(model, optimizer)
         dcp_load(state, path / SHARDED)
         if optimizer is None:
@@ -557,6 +731,10 @@ def check_resumable(path: Path, run_dir: Path) -> None:
             f"start a new run from its weights: kiln train {run_dir} "
             f"--trainer.run_dir=NEW_DIR --init.from={path}{fresh}"
         )
+    problems = manifest_problems(path, STATE_PARTS)
+    if problems:
+        raise KilnError(f"{problems[0]}, so {path.name} cannot be resumed; "
+                        f"{_passing_offer(run_dir, path)}")
 
 
 def resume_parts(path: Path) -> list[str]:
@@ -609,7 +787,8 @@ def unshard(src: str | Path, out: str | Path) -> Path:
         raise KilnError(f"{src} is not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists():
         raise KilnError(f"{out} exists; choose a new output folder")
-    _, config = read_meta(src)
+    trainer, config = read_meta(src)
+    check_sizes(src, [SHARDED])
     state = read_sharded_full(src)
     if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
         state["model"].pop("lm_head.weight", None)
@@ -621,6 +800,7 @@ def unshard(src: str | Path, out: str | Path) -> Path:
         for name in ("trainer.json", "config.yaml", "rng.pt", "tokenizer.json"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
+        write_manifest(staging, int(trainer["step"]))
     return out
 
 

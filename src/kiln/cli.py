@@ -20,13 +20,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_run_config(args.config, overrides)
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
-        return dry_run(cfg, extend_to, args.extend_shape)
+        return dry_run(cfg, extend_to, args.extend_shape, args.resume_from)
     from kiln.parallel import dist_info_from_env, shutdown
     from kiln.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, resume=not args.no_resume, extend_to=extend_to,
-                          extend_shape=args.extend_shape)
+                          extend_shape=args.extend_shape, resume_from=args.resume_from)
         trainer.fit()
     finally:
         shutdown(dist_info_from_env())
@@ -41,7 +41,51 @@ def cmd_checkpoint(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
+def cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
+    """Exit 0 when every checkpoint checked passes, 1 when one fails."""
+    from kiln import checkpoint as ckpt
+
+    target = Path(args.target)
+    root = ckpt.checkpoints_dir(target)
+    if ckpt.STEP_DIR.match(target.name) and target.is_dir():
+        folders = [target]
+    elif root.is_dir():
+        folders = sorted((p for p in root.iterdir() if ckpt.STEP_DIR.match(p.name) and
+                          p.is_dir()), key=ckpt.step_of)
+    elif (target / "trainer.json").is_file():  # a checkpoint folder under another name
+        folders = [target]
+    else:
+        raise KilnError(f"{str(target)!r} is neither a run directory with checkpoints nor a "
+                        "checkpoint folder")
+    passing, failed = [], 0
+    for folder in folders:
+        try:
+            problems = [f"{folder / f} is missing" for f in ckpt.missing_parts(folder)]
+            problems += ckpt.manifest_problems(folder, checksums=True)
+        except KilnError as e:  # a damaged manifest
+            problems = [str(e)]
+        has_manifest = (folder / ckpt.MANIFEST).is_file()
+        if problems:
+            failed += 1
+            print(f"{folder.name}: FAILS: {problems[0]}"
+                  + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        elif has_manifest:
+            passing.append(folder)
+            n = len(ckpt.read_manifest(folder))
+            print(f"{folder.name}: ok ({n} files, sizes and SHA-256 match the manifest)")
+        else:
+            passing.append(folder)
+            print(f"{folder.name}: no manifest (written by an earlier kiln): only its parts "
+                  "were checked")
+    if not folders:
+        print(f"no checkpoints in {root}")
+    if failed and passing and root.is_dir() and len(folders) > 1:
+        print(f"newest that passes: {passing[-1].name} (kiln train {target} "
+              f"--resume-from={passing[-1].name})")
+    return 1 if failed else 0
+
+
+def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None) -> int:
     from rich.console import Console
 
     from kiln.plan import data_lines, plan_lines
@@ -50,7 +94,7 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine") -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     train, val, files = build_datasets(cfg)
-    plan = plan_start(cfg, extend_to, extend_shape)
+    plan = plan_start(cfg, extend_to, extend_shape, resume_from)
     console.print("[bold]# resolved config[/bold]")
     console.print(cfg.to_yaml(), markup=False)
     console.print("[bold]# how this run starts[/bold]")
@@ -271,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "step and LR to the final LR at END (5000, 5000steps, 2e9tokens)")
     p.add_argument("--extend-shape", choices=["cosine", "linear"], default="cosine",
                    help="shape of the --extend-to decay (default cosine)")
+    p.add_argument("--resume-from", default=None, metavar="stepN",
+                   help="resume from this checkpoint of the run instead of the latest (see "
+                   "kiln checkpoint verify RUN_DIR)")
     p.set_defaults(func=cmd_train, overrides=True)
 
     p = sub.add_parser("schedule", help="print and plot the LR schedule of a run or config",
@@ -339,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="sharded checkpoint folder (or a run directory: its latest)")
     q.add_argument("out", help="new folder for the unsharded checkpoint")
     q.set_defaults(func=cmd_checkpoint)
+    q = csub.add_parser("verify", help="check every file of a checkpoint (or of every "
+                        "checkpoint of a run) against its manifest: sizes and SHA-256")
+    q.add_argument("target", help="run directory (all its checkpoints) or checkpoint folder")
+    q.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Domain:
     lt: float | None = None
     items: int | None = None
     """A list field: exactly this many items."""
+    pattern: str | None = None
+    """A text field: the regular expression the whole value must match."""
     fix: str = ""
     """How to fix a bad value (default: the field's default value)."""
 
@@ -299,6 +302,12 @@ class CheckpointConfig:
     checkpoint (sized from the previous one, or estimated), instead of starting a save that
     would fail; warn when fewer than 3 more fit. false for filesystems whose free-space report
     is unreliable (a failed save still stops the run and removes its partial folder)."""
+    on_save_error: Annotated[str, Domain(pattern=r"stop|retry [1-9][0-9]*", fix="write stop, "
+                                         "or retry N with N >= 1 (e.g. retry 3)")] = "stop"
+    """stop: a save that fails (disk full, I/O error, permissions) stops the run in one line,
+    its partial folder removed and earlier checkpoints intact. retry N: for flaky network
+    filesystems, try the save again up to N times (waiting 2, 4, 8, ... s, at most 60 s)
+    before stopping."""
     sharded: bool | Literal["auto"] = "auto"
     """auto: sharded (torch.distributed.checkpoint, all ranks write) with fsdp/hsdp, else one
     unsharded file set written by rank 0. Either kind loads at any world size."""
@@ -750,6 +759,8 @@ def check_domains(obj: Any, prefix: str = "") -> None:
                 problem = f"has an item that {bad[0]}" if bad else None
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             problem, shown = dom.violation(value), str(value)
+        elif isinstance(value, str) and dom.pattern and not re.fullmatch(dom.pattern, value):
+            problem, shown = "is not in an accepted form", repr(value)
         if problem:
             default = _default_of(type(obj), f)
             fix = dom.fix or f"the default is {default}"

@@ -87,9 +87,10 @@ def check_model_shape(cfg: Config, source: Path) -> None:
 
 
 def plan_start(cfg: Config, extend_to: Duration | None = None,
-               extend_shape: str = "cosine") -> StartPlan:
-    """Decide how this run starts (see the module docstring). Reads metadata only."""
-    plan = _plan_start(cfg, extend_to, extend_shape)
+               extend_shape: str = "cosine", resume_from: str | None = None) -> StartPlan:
+    """Decide how this run starts (see the module docstring). Reads metadata only.
+    `resume_from` (stepN) resumes from that checkpoint of the run instead of the latest."""
+    plan = _plan_start(cfg, extend_to, extend_shape, resume_from)
     hard = cfg.trainer.hard_stop
     if hard is not None:
         at = hard.to_steps(run_numbers(cfg).tokens_per_step)
@@ -104,11 +105,17 @@ def plan_start(cfg: Config, extend_to: Duration | None = None,
     return plan
 
 
-def _plan_start(cfg: Config, extend_to: Duration | None, extend_shape: str) -> StartPlan:
+def _plan_start(cfg: Config, extend_to: Duration | None, extend_shape: str,
+                resume_from: str | None) -> StartPlan:
     n = run_numbers(cfg)
-    latest = ckpt.latest_checkpoint(cfg.trainer.run_dir)
+    latest = ckpt.resume_point(cfg.trainer.run_dir, resume_from)
     if latest is not None:
-        return _plan_resume(cfg, latest, extend_to, extend_shape)
+        plan = _plan_resume(cfg, latest, extend_to, extend_shape)
+        if resume_from is not None:
+            plan.notes.append(f"--resume-from={resume_from}: checkpoints after {latest.name} "
+                              "that fail verification are kept aside, intact ones are replaced "
+                              "as this run reaches their steps")
+        return plan
     if extend_to is not None:
         raise KilnError(f"--extend-to needs a run to extend, but {cfg.trainer.run_dir!r} has no "
                         "checkpoint; train it first or point trainer.run_dir at the run")

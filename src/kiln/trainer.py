@@ -106,6 +106,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 def load_rng_state(f: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """A checkpoint's rng.pt, checked to hold the generator states this device restores."""
+    ckpt.check_sizes(f.parent, ["rng.pt"])
     rng = load_pt(f)
     need = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
     for key in need:
@@ -142,7 +143,7 @@ def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = True,
                  callbacks: list[Callback] | None = None, extend_to: Duration | None = None,
-                 extend_shape: str = "cosine"):
+                 extend_shape: str = "cosine", resume_from: str | None = None):
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)
@@ -163,7 +164,7 @@ class Trainer:
         # Data, then how the run starts (new / resume / from a checkpoint)
         self.train_data, self.val_data, files = build_datasets(cfg)
         self.train_files = files
-        self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape)
+        self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape, resume_from)
         n = run_numbers(cfg, self.dist.world_size)
         stop = self.plan.total_steps
         if t.hard_stop is not None:
@@ -211,6 +212,8 @@ class Trainer:
         # rank hygiene: only rank 0 writes files and talks to the console
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
+            if resume_from is not None and self.plan.kind == "resume":
+                ckpt.rewind_to(self.run_dir, self.plan.source)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomically: a kill mid-write must not leave a torn config.yaml that
             # `kiln train RUN_DIR` would then read
@@ -278,31 +281,60 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Every rank calls this. Unsharded: gathered to rank 0, which writes. Sharded: every
         rank writes its shards in parallel, rank 0 adds the small files and renames.
-        Refuses (KilnError) to save non-finite weights."""
+        Refuses (KilnError) to save non-finite weights. A failed save stops the run (every
+        rank) or, with checkpoint.on_save_error=retry N, is tried again up to N times."""
         self._check_finite(weights=True)
-        if self.cfg.checkpoint.check_free_space:
-            self._check_free_space()
+        policy = self.cfg.checkpoint.on_save_error
+        retries = int(policy.split()[1]) if policy.startswith("retry") else 0
+        for attempt in range(retries + 1):
+            if self.cfg.checkpoint.check_free_space:
+                self._check_free_space()
+            error = self._save_once()
+            if error is None:
+                return ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
+            if attempt < retries:
+                wait = min(60, 2 ** (attempt + 1))
+                if self.dist.is_main:
+                    warn(f"{error}; trying again in {wait} s (attempt {attempt + 2} of "
+                         f"{retries + 1}, checkpoint.on_save_error={policy})")
+                time.sleep(wait)
+        raise KilnError(error)
+
+    def _save_once(self) -> str | None:
+        """One attempt at saving: None when every rank succeeded, else the error (rank 0's
+        own, or a note that another rank failed), the same verdict on every rank."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         common = dict(trainer=self.trainer_state(), config_yaml=self.saved_config_yaml(), rng=rng,
                       tokenizer=self.tokenizer_path, keep_last=self.cfg.checkpoint.keep_last)
-        final = ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
-        if self.sharded_checkpoints:
-            tmp = ckpt.temp_dir(self.run_dir, self.step, clean=self.dist.is_main)
-            if self.dist.is_main:
-                tmp.mkdir()
-            barrier(self.dist)
-            ckpt.save_sharded_state(ckpt.sharded_state(self.module, self.optimizer), tmp)
-            barrier(self.dist)
-            if self.dist.is_main:
-                ckpt.save(self.run_dir, self.step, model=None, tmp=tmp, **common)
-        else:
-            msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
-            if self.dist.is_main:
-                ckpt.save(self.run_dir, self.step, model=msd, optim=osd, **common)
-        barrier(self.dist)
-        return final
+        error = None
+        try:
+            if self.sharded_checkpoints:
+                tmp = ckpt.temp_dir(self.run_dir, self.step, clean=self.dist.is_main)
+                if self.dist.is_main:
+                    tmp.mkdir()
+                barrier(self.dist)
+                ckpt.save_sharded_state(ckpt.sharded_state(self.module, self.optimizer), tmp)
+                barrier(self.dist)
+                if self.dist.is_main:
+                    ckpt.save(self.run_dir, self.step, model=None, tmp=tmp, **common)
+            else:
+                msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
+                if self.dist.is_main:
+                    ckpt.save(self.run_dir, self.step, model=msd, optim=osd, **common)
+        except KilnError as e:
+            error = str(e)
+        except OSError as e:  # outside the save proper (its temporary folder)
+            error = (f"could not write checkpoint step{self.step} "
+                     f"({ckpt.save_failure(e, self.run_dir)}); earlier checkpoints are untouched")
+        failed = torch.tensor(float(error is not None), device=self.device)
+        if self.dist.enabled:  # one verdict: no rank waits in a barrier for a failed one
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            error = (f"another rank could not write checkpoint step{self.step} (see its error); "
+                     "earlier checkpoints are untouched")
+        return error
 
     def checkpoint_size_estimate(self) -> int:
         """Bytes the next checkpoint takes: the previous one's size, else weights (their

@@ -653,6 +653,7 @@ def import_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
         (staging / "trainer.json").write_text(json.dumps(trainer, indent=1))
         if (d / "tokenizer.json").is_file():
             shutil.copyfile(d / "tokenizer.json", staging / "tokenizer.json")
+        ckpt.write_manifest(staging, 0)
     return out
 
 

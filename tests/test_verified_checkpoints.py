@@ -1,0 +1,135 @@
+"""Checkpoints carry a manifest (sizes and SHA-256 of every file); `kiln checkpoint verify`
+checks it; a resume never trains from a checkpoint whose files changed size, and names the
+newest one that passes (`--resume-from`); a failed save stops the run or, asked to, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_cli import assert_one_line_error, kiln_here, snapshot, write_config
+
+from kiln import checkpoint as ckpt
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def runs(pydoc_tokens, tmp_path_factory) -> dict:
+    """A run stopped at step 6 of 8 (checkpoints at 3 and 6) and the same run trained
+    through to step 8 without a stop (the reference for every resume here)."""
+    root = tmp_path_factory.mktemp("verified")
+    out = {}
+    for name, extra in (("six", ["--trainer.hard_stop=6"]), ("whole", [])):
+        config = write_config(root / f"{name}.yaml", pydoc_tokens, root / name,
+                              trainer={"max_duration": 8, "eval_interval": 0})
+        r = kiln_here("train", config, *extra)
+        assert r.returncode == 0, r.stderr
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def run(runs, tmp_path) -> Path:
+    """A copy of the stopped run (a moved run resumes itself: nothing in it is edited)."""
+    dst = tmp_path / "run"
+    shutil.copytree(runs["six"], dst)
+    return dst
+
+
+def test_every_checkpoint_records_every_file_and_verify_passes(runs):
+    run = runs["six"]
+    for step in ("step3", "step6"):
+        folder = run / "checkpoints" / step
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert set(manifest["files"]) == files - {"manifest.json"}
+        assert {"model.safetensors", "optim.pt", "rng.pt", "trainer.json"} <= files
+        for name, entry in manifest["files"].items():
+            data = (folder / name).read_bytes()
+            assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert manifest["step"] == int(step[4:]) and manifest["kiln_version"]
+    r = kiln_here("checkpoint", "verify", run)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("sizes and SHA-256 match") == 2
+
+
+def test_a_flipped_byte_is_found_by_verify_which_names_the_newest_good_one(run):
+    f = run / "checkpoints" / "step6" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor: the file still parses, same size
+    f.write_bytes(bytes(data))
+    before = snapshot(run)
+    r = kiln_here("checkpoint", "verify", run)
+    assert r.returncode == 1
+    assert "step3: ok" in r.stdout
+    assert f"step6: FAILS: {f} does not match its SHA-256" in r.stdout
+    assert "--resume-from=step3" in r.stdout
+    assert kiln_here("checkpoint", "verify", run / "checkpoints" / "step3").returncode == 0
+    assert snapshot(run) == before
+
+
+def test_a_truncated_latest_is_refused_naming_the_newest_good_one_which_resumes_exactly(
+        run, runs):
+    bad = run / "checkpoints" / "step6" / "optim.pt"
+    bad.write_bytes(bad.read_bytes() + b"\0" * 10)  # replaced: still a readable zip
+    before = snapshot(run)
+    r = kiln_here("train", run)
+    assert_one_line_error(r, f"{bad} is", "manifest says", f"kiln train {run} "
+                          "--resume-from=step3")
+    assert snapshot(run) == before
+    # the route it names: resume from step3; the damaged step6 is kept aside, not deleted
+    r = kiln_here("train", run, "--resume-from=step3")
+    assert r.returncode == 0, r.stderr
+    assert "kept it as" in r.stderr
+    assert (run / "checkpoints" / "step6-damaged-1" / "optim.pt").read_bytes() == \
+        bad.parent.parent.joinpath("step6-damaged-1", "optim.pt").read_bytes()
+    assert ckpt.latest_checkpoint(run).name == "step8"
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+    assert kiln_here("checkpoint", "verify", run).returncode == 0
+
+
+def test_resume_from_a_step_that_is_not_there_lists_those_that_are(run):
+    r = kiln_here("train", run, "--resume-from=step5")
+    assert_one_line_error(r, "--resume-from=step5", "step3, step6")
+
+
+def test_a_failed_save_stops_the_run_and_leaves_nothing_half_written(pydoc_tokens, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("KILN_FAULT_SAVE", "1")
+    monkeypatch.setattr(ckpt, "_faults_done", [0])
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 8, "eval_interval": 0})
+    r = kiln_here("train", config)
+    assert_one_line_error(r, "could not write checkpoint", "step3", "Input/output error")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 3  # stopped at the failing save
+
+
+def test_on_save_error_retry_saves_on_a_later_attempt_and_trains_on_exactly(
+        pydoc_tokens, tmp_path, monkeypatch, runs):
+    monkeypatch.setenv("KILN_FAULT_SAVE", "2")
+    monkeypatch.setattr(ckpt, "_faults_done", [0])
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 8, "eval_interval": 0},
+                          checkpoint={"on_save_error": "retry 2"})
+    r = kiln_here("train", config)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("trying again in") == 2
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert kiln_here("checkpoint", "verify", run).returncode == 0
