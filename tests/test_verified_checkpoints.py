@@ -89,6 +89,8 @@ def test_a_truncated_latest_is_refused_naming_the_newest_good_one_which_resumes_
     assert_one_line_error(r, f"{bad} is", "manifest says", f"kiln train {run} "
                           "--resume-from=step3")
     assert snapshot(run) == before
+    r = kiln_here("inspect", run)
+    assert "resumable       no: optim.pt is" in r.stdout and "manifest says" in r.stdout
     # the route it names: resume from step3; the damaged step6 is kept aside, not deleted
     r = kiln_here("train", run, "--resume-from=step3")
     assert r.returncode == 0, r.stderr

@@ -759,7 +759,13 @@ def resume_problems(path: Path) -> list[str]:
                 z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             problems.append(f"{name} is damaged ({one_line(e)[:60]})")
-    return problems
+    try:
+        sizes = manifest_problems(path, STATE_PARTS)
+    except KilnError:
+        return [*problems, f"{MANIFEST} is damaged"]
+    named = " ".join(problems)
+    return problems + [p.removeprefix(f"{path}/") for p in sizes
+                       if p.removeprefix(f"{path}/").split()[0] not in named]
 
 
 def check_optim_state(osd: Any, model: torch.nn.Module, where: Path) -> None:
