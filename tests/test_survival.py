@@ -170,6 +170,20 @@ def test_a_kill_during_retention_leaves_nothing_behind(six_steps):
 # -- a full disk -------------------------------------------------------------------------------
 
 
+def test_retention_left_undone_by_a_kill_after_the_last_save_is_applied_on_rerun(
+        pydoc_tokens, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 6, "eval_interval": 0},
+                          checkpoint={"interval": 2, "keep_last": 0})
+    assert kiln_here("train", config).returncode == 0
+    assert steps_on_disk(run) == ["step2", "step4", "step6"]
+    # as if killed between the final save's rename and its retention under keep_last=2
+    out = kiln_here("train", run, "--checkpoint.keep_last=2")
+    assert out.returncode == 0, out.stderr
+    assert steps_on_disk(run) == ["step4", "step6"]
+
+
 def same_weights(a: Path, b: Path) -> bool:
     """(In a function, so that the memory-mapped files are closed when it returns: an open
     mapping keeps the tmpfs busy.)"""

@@ -135,3 +135,33 @@ def test_on_save_error_retry_saves_on_a_later_attempt_and_trains_on_exactly(
     assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert kiln_here("checkpoint", "verify", run).returncode == 0
+
+
+def lie_in_header(f: Path, how: str) -> None:
+    """Rewrite a safetensors header so that it lies: a tensor's shape that its bytes do not
+    hold, or byte offsets past the end of the file."""
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in sorted(header) if k != "__metadata__")
+    if how == "shape":
+        header[name]["shape"] = [s * 2 for s in header[name]["shape"]]
+    else:
+        header[name]["data_offsets"][1] += 10**9
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+@pytest.mark.parametrize("how", ["shape", "offsets"])
+def test_a_lying_safetensors_header_is_refused_in_one_line(run, how):
+    weights_file = run / "checkpoints" / "step6" / "model.safetensors"
+    lie_in_header(weights_file, how)
+    r = kiln_here("checkpoint", "verify", run)  # the manifest catches it first
+    assert r.returncode == 1 and "step6: FAILS" in r.stdout
+    ckpt.write_manifest(weights_file.parent, 6)  # a forged manifest: the loaders must refuse
+    before = snapshot(run)
+    for args in (["generate", run, "--prompt", "The", "--max-new-tokens", "2"],
+                 ["inspect", run], ["train", run]):
+        assert_one_line_error(kiln_here(*args), "step6/model.safetensors")
+    assert snapshot(run) == before

@@ -553,6 +553,8 @@ class Trainer:
         ck = cfg.checkpoint
         if ck.check_free_space and (ck.interval > 0 or ck.save_final) and self.step < stop:
             self._check_free_space(start=self.step)  # a run that cannot save never starts
+        if self.dist.is_main and ck.keep_last > 0:  # what a kill after the last save left
+            ckpt.prune(self.run_dir, ck.keep_last)
         self._emit("on_fit_start")
         last: dict = {}
         start_step = self.step
