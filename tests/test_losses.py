@@ -1,5 +1,5 @@
 """kiln.losses.linear_cross_entropy against the plain path (F.linear + fp32 F.cross_entropy +
-z-loss, as Trainer.loss_fn computes it)."""
+z-loss, as Trainer.micro_loss computes it)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ N, D, V = 50, 32, 97
 
 
 def plain(hidden, weight, targets, z_loss=0.0):
-    """Trainer.loss_fn's (loss, ce), before its loss_norm scaling."""
+    """Trainer.micro_loss's (loss, ce), before its loss_norm scaling."""
     logits = F.linear(hidden, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
     ce = F.cross_entropy(logits, targets)
@@ -118,7 +118,7 @@ def test_whole_model_gradients_match(tie):
     tokens = torch.randint(0, 300, (3, 13))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    logits = model(x).float().view(-1, cfg.padded_vocab_size)  # Trainer.loss_fn's path
+    logits = model(x).float().view(-1, cfg.padded_vocab_size)  # Trainer.micro_loss's path
     z = torch.logsumexp(logits, dim=-1)
     ce_ref = F.cross_entropy(logits, y.reshape(-1))
     (ce_ref + 1e-3 * (z * z).mean()).backward()
@@ -185,3 +185,31 @@ def test_default_chunk_size_and_bad_shapes():
         linear_cross_entropy(hidden[None], weight, targets)
     with pytest.raises(ValueError, match=r"\[N, d\]"):
         linear_cross_entropy(hidden, weight, targets[:-1])
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_training_with_the_fused_loss_follows_the_plain_one(pydoc_tokens, tmp_path, z_loss):
+    """Whole `kiln train` runs (tied head, z-loss, window loss_norm): the fused path's losses
+    and final weights are the plain path's, to fp32 rounding over the steps."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_cli import kiln_here, write_config
+
+    runs = {}
+    for fused in (True, False):
+        run = tmp_path / f"fused-{fused}"
+        config = write_config(tmp_path / f"{fused}.yaml", pydoc_tokens, run,
+                              model={"tie_embeddings": True},
+                              optim={"z_loss": z_loss, "loss_norm": "window"},
+                              trainer={"max_duration": 4, "eval_interval": 0,
+                                       "fused_loss": fused})
+        r = kiln_here("train", config)
+        assert r.returncode == 0, r.stderr
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text()
+                  .splitlines() if '"loss"' in line]
+        runs[fused] = losses, load_file(str(run / "checkpoints" / "step4" / "model.safetensors"))
+    (lf, wf), (lp, wp) = runs[True], runs[False]
+    assert len(lf) == 4 and lf == pytest.approx(lp, rel=1e-5)
+    for k in wp:
+        torch.testing.assert_close(wf[k], wp[k], rtol=1e-4, atol=1e-4)  # Adam: ~lr/30

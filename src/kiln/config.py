@@ -288,6 +288,10 @@ class TrainerConfig:
     """Micro-batches per validation pass (the same windows every time)."""
     threads: Annotated[int | None, AtLeast(1)] = None
     """torch CPU threads; None keeps torch's default."""
+    fused_loss: bool = True
+    """Compute the output layer and the cross entropy together over chunks of tokens, never
+    holding the full [tokens, vocab] logits (kiln.losses); false: the plain path, full fp32
+    logits then cross entropy. The same loss and gradients to fp32 rounding."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Fused, chunked output layer + cross entropy: the training loss without the full logits.
 
-The plain path (``Trainer.loss_fn``) computes ``logits = hidden @ weight.T`` for all N tokens,
+The plain path (trainer.fused_loss=false) computes ``logits = hidden @ weight.T`` for all N tokens,
 upcasts them to fp32 and takes ``F.cross_entropy`` (plus kiln's z-loss,
 ``z_loss * mean(logsumexp(logits) ** 2)``). Autograd then keeps, for the backward pass, the
 logits in the compute dtype and their fp32 copy, and the backward makes a softmax and a
@@ -108,7 +108,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     lm_head weight, tied to the embedding or not), targets [N] (int64 token ids).
     ``ce`` is the mean cross entropy (fp32, no grad: for logging), ``loss`` is
     ``ce + z_loss * mean(logsumexp(logits) ** 2)`` (the same tensor value as ``ce`` when
-    z_loss is 0): exactly ``Trainer.loss_fn``'s pair before its loss_norm scaling.
+    z_loss is 0): exactly the plain path's pair before its loss_norm scaling.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)} "

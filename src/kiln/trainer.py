@@ -375,15 +375,22 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, cross entropy for logging) of one micro-batch."""
-        logits = logits.float().view(-1, logits.size(-1))
-        ce = F.cross_entropy(logits, targets.reshape(-1))
-        loss = ce
-        if self.cfg.optim.z_loss > 0:
-            z = torch.logsumexp(logits, dim=-1)
-            loss = ce + self.cfg.optim.z_loss * (z * z).mean()
+    def micro_loss(self, mb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, cross entropy for logging) of one micro-batch of windows."""
+        inputs, targets = mb[:, :-1], mb[:, 1:]
+        z_loss = self.cfg.optim.z_loss
+        if self.cfg.trainer.fused_loss:  # inside forward: DDP / FSDP hooks see the head
+            with self.autocast:
+                loss, ce = self.model(inputs, targets=targets, z_loss=z_loss)
+        else:
+            with self.autocast:
+                logits = self.model(inputs)
+            logits = logits.float().view(-1, logits.size(-1))
+            ce = F.cross_entropy(logits, targets.reshape(-1))
+            loss = ce
+            if z_loss > 0:
+                z = torch.logsumexp(logits, dim=-1)
+                loss = ce + z_loss * (z * z).mean()
         if self.cfg.optim.loss_norm == "window":  # sum over predictions / window tokens
             seq = targets.size(-1)
             loss = loss * (seq / (seq + 1))
@@ -402,9 +409,7 @@ class Trainer:
         for i in range(n_micro):
             mb = batch[i * micro : (i + 1) * micro]
             with self._grad_sync(i == n_micro - 1):
-                with self.autocast:
-                    logits = self.model(mb[:, :-1])
-                loss, ce = self.loss_fn(logits, mb[:, 1:])
+                loss, ce = self.micro_loss(mb)
                 (loss / n_micro).backward()
             loss_sum += ce.detach()
         clip = self.cfg.optim.grad_clip
