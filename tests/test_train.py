@@ -148,14 +148,24 @@ def test_activation_checkpointing_changes_memory_not_results(pydoc_tokens, tmp_p
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager(pydoc_tokens, tmp_path):
-    train(tiny_cfg(pydoc_tokens, tmp_path / "eager", trainer__max_duration=4))
-    train(tiny_cfg(pydoc_tokens, tmp_path / "compiled", trainer__max_duration=4,
-                   parallel__compile=True))
+def test_compiled_blocks_train_like_eager_and_never_recompile(pydoc_tokens, tmp_path, capsys):
+    over = dict(trainer__max_duration=5, trainer__eval_interval=2, log__console=True)
+    train(tiny_cfg(pydoc_tokens, tmp_path / "eager", **over))
+    assert "torch.compile" not in capsys.readouterr().out  # auto: not on CPU
+    trainer = Trainer(config_from_dict(tiny_cfg(pydoc_tokens, tmp_path / "compiled",
+                                                parallel__compile=True, **over)))
+    trainer.fit()
+    out = capsys.readouterr()
+    assert "torch.compile: the first step took" in out.out
+    assert "new graph" not in out.err  # evaluations in between compile once, outside steps
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5)
     assert set(final_weights(tmp_path / "compiled")) == set(final_weights(tmp_path / "eager"))
+    # the guard itself: a step whose shape changes compiles again, and says so
+    batch = trainer.loader.next_batch()[:, :17]
+    trainer._watched_step(batch, start_step=0)
+    assert "new graph(s) in step 6" in capsys.readouterr().err
 
 
 def test_z_loss_regularises_without_changing_the_logged_cross_entropy(pydoc_tokens, tmp_path):

@@ -23,6 +23,7 @@ class Callback:
     def on_checkpoint(self, trainer, path: Path) -> None: ...
     def on_fit_end(self, trainer, metrics: dict) -> None: ...
     def on_preempt(self, trainer, result: dict) -> None: ...
+    def on_note(self, trainer, text: str) -> None: ...
 
 
 class MetricsFileCallback(Callback):
@@ -156,6 +157,9 @@ class ConsoleCallback(Callback):
 
     def on_checkpoint(self, trainer, path: Path) -> None:
         self.console.print(f"[green]saved checkpoint {path}[/green]")
+
+    def on_note(self, trainer, text: str) -> None:
+        self.console.print(text, markup=False)
 
     def on_eval(self, trainer, m: dict) -> None:
         self._last_eval = m

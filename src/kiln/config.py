@@ -330,8 +330,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
     ac_every: Annotated[int, AtLeast(1)] = 2
     """every_n: checkpoint every n-th block."""
-    compile: bool = False
-    """torch.compile each transformer block."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each transformer block. auto: on CUDA; off on CPU, where compiling
+    takes longer than it saves in short runs (see docs/benchmarks.md)."""
     timeout_minutes: Annotated[float, Positive] = 10.0
     """Collective timeout: a dead or stuck peer fails the job after this long."""
 

@@ -90,6 +90,11 @@ def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> No
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def wants_compile(pcfg, device: torch.device) -> bool:
+    """parallel.compile resolved: auto compiles on CUDA only."""
+    return device.type == "cuda" if pcfg.compile == "auto" else bool(pcfg.compile)
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile each block on its own: small graphs, one compilation reused by every layer."""
     for block in model.blocks:
@@ -115,7 +120,7 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.dev
     pcfg = cfg.parallel
     dp = resolve_dp(pcfg, info)
     apply_activation_checkpointing(model, pcfg)
-    if pcfg.compile:
+    if wants_compile(pcfg, device):
         apply_compile(model)
     if dp in ("fsdp", "hsdp"):
         mesh = build_mesh(dp, pcfg, info, device)

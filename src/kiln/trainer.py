@@ -40,6 +40,7 @@ from kiln.parallel import (
     parallelize,
     resolve_dp,
     unwrap,
+    wants_compile,
 )
 from kiln.safeload import load_pt
 from kiln.schedule import LRSchedule
@@ -175,7 +176,8 @@ class Trainer:
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
         self.loader = BatchLoader(self.train_data, t.global_batch_size, cfg.data.seed,
                                   rank=self.dist.rank, world_size=self.dist.world_size,
-                                  prefetch=cfg.data.prefetch)
+                                  prefetch=cfg.data.prefetch,
+                                  pin_memory=self.device.type == "cuda")
 
         # Model: built on the meta device and initialised in place (after sharding, for the
         # sharded modes), so a large model never materialises whole on one rank. The init
@@ -209,6 +211,8 @@ class Trainer:
         # device so that checking every step costs no host sync; read by _check_finite
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._fault = _fault_injection(self.dist.rank)
+        self.compiled = wants_compile(cfg.parallel, self.device)
+        self._recompiled = False
         # rank hygiene: only rank 0 writes files and talks to the console
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
@@ -424,6 +428,26 @@ class Trainer:
         self._bad_step = torch.where((self._bad_step == 0) & bad, self.step + 1, self._bad_step)
         return loss, grad_norm
 
+    def _watched_step(self, batch: torch.Tensor, start_step: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """train_step with compiled blocks: note how long the first step took (compiling),
+        and warn once if a later one compiles again (a changing shape or guard recompiles
+        every time, silently slowing the run)."""
+        from torch._dynamo.utils import counters
+
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        out = self.train_step(batch)
+        new = counters["stats"]["unique_graphs"] - graphs
+        if self.step == start_step:
+            self._emit("on_note", f"torch.compile: the first step took "
+                       f"{time.perf_counter() - t0:.1f} s, compiling {new} graph(s)")
+        elif new and self.step >= start_step + 2 and not self._recompiled:
+            self._recompiled = True
+            warn(f"torch.compile compiled {new} new graph(s) in step {self.step + 1}: "
+                 "something in the step changes shape or type; every recompilation costs "
+                 "the first step's time again (TORCH_LOGS=recompiles shows why)")
+        return out
+
     def _check_finite(self, weights: bool = False) -> None:
         """Stop with a one-line error if any step so far had a non-finite loss or gradient
         (or, with `weights`, if any weight is non-finite), before anything is saved or
@@ -570,7 +594,10 @@ class Trainer:
                 if self._fault == self.step + 1:
                     raise RuntimeError(f"injected fault on rank {self.dist.rank} at step "
                                        f"{self.step + 1} (KILN_FAULT_INJECT)")
-                loss, grad_norm = self.train_step(batch)
+                if self.compiled:
+                    loss, grad_norm = self._watched_step(batch, start_step)
+                else:
+                    loss, grad_norm = self.train_step(batch)
                 self.step += 1
                 self.tokens_seen += n.tokens_per_step
 

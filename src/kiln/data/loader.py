@@ -108,7 +108,8 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: WindowDataset, global_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, prefetch: int = 4):
+                 rank: int = 0, world_size: int = 1, prefetch: int = 4,
+                 pin_memory: bool = False):
         if len(dataset) < global_batch_size:
             raise KilnError(
                 f"the training data holds {len(dataset)} windows of {dataset.seq_len + 1} tokens,"
@@ -123,6 +124,7 @@ class BatchLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.prefetch = prefetch
+        self.pin_memory = pin_memory  # for CUDA: the copy to the device can then be async
         self.state = LoaderState()
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -149,7 +151,8 @@ class BatchLoader:
 
     def _local(self, indices: np.ndarray) -> torch.Tensor:
         n = self.global_batch_size // self.world_size
-        return self.dataset.batch(indices[self.rank * n : (self.rank + 1) * n])
+        batch = self.dataset.batch(indices[self.rank * n : (self.rank + 1) * n])
+        return batch.pin_memory() if self.pin_memory else batch
 
     # -- iteration ---------------------------------------------------------------------------
 
