@@ -307,10 +307,12 @@ def save_failure(e: BaseException, where: Path) -> str:
 _faults_done = [0]
 
 
-def _injected_fault() -> None:
+def _injected_fault(step: int) -> None:
     """KILN_FAULT_SAVE=N: the first N saves of this process fail with an I/O error after
-    writing their weights (a drill for checkpoint.on_save_error and for the cleanup)."""
-    if _faults_done[0] < int(os.environ.get("KILN_FAULT_SAVE") or 0):
+    writing their weights; KILN_FAULT_SAVE=stepS: every save of step S does (drills for
+    checkpoint.on_save_error, async saves and the cleanup)."""
+    spec = os.environ.get("KILN_FAULT_SAVE") or "0"
+    if spec == f"step{step}" or (spec.isdigit() and _faults_done[0] < int(spec)):
         _faults_done[0] += 1
         raise OSError(errno.EIO, "Input/output error (injected by KILN_FAULT_SAVE)")
 
@@ -332,7 +334,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         if model is not None:
             save_file(dedupe_tied(model), str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
-        _injected_fault()
+        _injected_fault(step)
         if optim is not None:
             torch.save(optim, tmp / "optim.pt")
         if rng is not None:

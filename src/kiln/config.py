@@ -306,6 +306,12 @@ class CheckpointConfig:
     checkpoint (sized from the previous one, or estimated), instead of starting a save that
     would fail; warn when fewer than 3 more fit. false for filesystems whose free-space report
     is unreliable (a failed save still stops the run and removes its partial folder)."""
+    async_: bool = False
+    """(YAML key `async`) Copy the state to host memory and write the checkpoint in a
+    background thread while training goes on: the step pauses only for the copy. Same atomic
+    rename and `latest` as a plain save; one save in flight at most; the final save and a
+    preemption save are waited for; a background save that fails stops the run at the next
+    step. Unsharded checkpoints only."""
     on_save_error: Annotated[str, Domain(pattern=r"stop|retry [1-9][0-9]*", fix="write stop, "
                                          "or retry N with N >= 1 (e.g. retry 3)")] = "stop"
     """stop: a save that fails (disk full, I/O error, permissions) stops the run in one line,
@@ -517,7 +523,7 @@ def is_number(s: str) -> bool:
 
 
 # YAML keys that are Python keywords map to fields with a trailing underscore.
-_ALIASES = {"from": "from_"}
+_ALIASES = {"from": "from_", "async": "async_"}
 
 
 def _with_yaml_keys(tree: Any) -> Any:

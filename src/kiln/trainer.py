@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
@@ -198,6 +199,10 @@ class Trainer:
         self.module: Transformer = unwrap(self.model)
         self.sharded_checkpoints = (self.dp in ("fsdp", "hsdp") if cfg.checkpoint.sharded ==
                                     "auto" else bool(cfg.checkpoint.sharded))
+        if cfg.checkpoint.async_ and self.sharded_checkpoints:
+            raise KilnError("checkpoint.async=true writes unsharded checkpoints only, and this "
+                            f"run saves sharded ones (parallel.dp={self.dp}); set "
+                            "checkpoint.async=false, or checkpoint.sharded=false")
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.schedule: LRSchedule = self.plan.schedule
         self.step = self.plan.step
@@ -211,6 +216,7 @@ class Trainer:
         # device so that checking every step costs no host sync; read by _check_finite
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._fault = _fault_injection(self.dist.rank)
+        self.save_stalls: list[float] = []  # seconds each background save paused training
         self.compiled = wants_compile(cfg.parallel, self.device)
         self._recompiled = False
         # rank hygiene: only rank 0 writes files and talks to the console
@@ -304,14 +310,18 @@ class Trainer:
                 time.sleep(wait)
         raise KilnError(error)
 
-    def _save_once(self) -> str | None:
-        """One attempt at saving: None when every rank succeeded, else the error (rank 0's
-        own, or a note that another rank failed), the same verdict on every rank."""
+    def _save_parts(self) -> dict:
+        """What ckpt.save writes besides the tensors of the model and optimizer."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        common = dict(trainer=self.trainer_state(), config_yaml=self.saved_config_yaml(), rng=rng,
-                      tokenizer=self.tokenizer_path, keep_last=self.cfg.checkpoint.keep_last)
+        return dict(trainer=self.trainer_state(), config_yaml=self.saved_config_yaml(), rng=rng,
+                    tokenizer=self.tokenizer_path, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _save_once(self) -> str | None:
+        """One attempt at saving: None when every rank succeeded, else the error (rank 0's
+        own, or a note that another rank failed), the same verdict on every rank."""
+        common = self._save_parts()
         error = None
         try:
             if self.sharded_checkpoints:
@@ -339,6 +349,75 @@ class Trainer:
             error = (f"another rank could not write checkpoint step{self.step} (see its error); "
                      "earlier checkpoints are untouched")
         return error
+
+    # -- checkpoints written in the background (checkpoint.async) --------------------------
+
+    def _checkpoint(self, wait: bool = False) -> None:
+        """Save a checkpoint of the current step: now, or (checkpoint.async) by starting a
+        background write, which `wait` waits for."""
+        if not self.cfg.checkpoint.async_:
+            self._emit("on_checkpoint", self.save_checkpoint())
+            return
+        self._start_background_save()
+        if wait:
+            self._finish_background_save(wait=True)
+
+    def _start_background_save(self) -> None:
+        """Every rank calls this. The training thread pauses only to copy the full state to
+        host memory (rank 0); a thread then writes it with ckpt.save."""
+        self._finish_background_save(wait=True)  # never two saves in flight
+        self._check_finite(weights=True)
+        if self.cfg.checkpoint.check_free_space:
+            self._check_free_space()
+        t0 = time.perf_counter()
+        msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
+        if not self.dist.is_main:
+            return
+        copy = (lambda t: t.clone()) if self.device.type == "cpu" else (lambda t: t)
+        msd = {k: copy(v) for k, v in ckpt.dedupe_tied(msd).items()}  # a tied head once
+        osd = tree_map(lambda x: copy(x) if isinstance(x, torch.Tensor) else x, osd)
+        parts = self._save_parts()
+        step, stall = self.step, time.perf_counter() - t0
+        policy = self.cfg.checkpoint.on_save_error
+        retries = int(policy.split()[1]) if policy.startswith("retry") else 0
+
+        def write() -> None:
+            t = time.perf_counter()
+            for attempt in range(retries + 1):
+                try:
+                    path = ckpt.save(self.run_dir, step, model=msd, optim=osd, **parts)
+                    self._bg_result = (path, None, stall, time.perf_counter() - t)
+                    return
+                except KilnError as e:
+                    if attempt == retries:
+                        self._bg_result = (None, str(e), stall, time.perf_counter() - t)
+                        return
+                    wait = min(60, 2 ** (attempt + 1))
+                    warn(f"{e}; trying again in {wait} s (attempt {attempt + 2} of "
+                         f"{retries + 1}, checkpoint.on_save_error={policy})")
+                    time.sleep(wait)
+
+        self._bg_result = None
+        self._bg_thread = threading.Thread(target=write, name=f"kiln-save-step{step}")
+        self._bg_thread.start()
+
+    def _finish_background_save(self, wait: bool, raise_error: bool = True) -> None:
+        """Report a background save that has ended (or, with `wait`, wait for it): its path
+        to the callbacks with the pause it cost, or its error (the run stops)."""
+        thread = getattr(self, "_bg_thread", None)
+        if thread is None or (thread.is_alive() and not wait):
+            return
+        thread.join()
+        self._bg_thread = None
+        path, error, stall, took = self._bg_result
+        if error is not None:
+            if raise_error:
+                raise KilnError(f"background save failed: {error}")
+            return
+        self.save_stalls.append(stall)
+        self._emit("on_note", f"checkpoint {path.name}: training paused {stall:.3f} s to copy "
+                   f"the state; written in the background in {took:.2f} s")
+        self._emit("on_checkpoint", path)
 
     def checkpoint_size_estimate(self) -> int:
         """Bytes the next checkpoint takes: the previous one's size, else weights (their
@@ -625,17 +704,22 @@ class Trainer:
 
                 if cfg.trainer.eval_interval and self.step % cfg.trainer.eval_interval == 0:
                     self._log_eval()
+                self._finish_background_save(wait=False)  # a failed one stops the run here
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step != stop:
-                    self._emit("on_checkpoint", self.save_checkpoint())
+                    self._checkpoint()
                 if self._should_stop():
                     break
+        except BaseException:
+            self._finish_background_save(wait=True, raise_error=False)  # keep its progress
+            raise
         finally:
             self.loader.close()
+        self._finish_background_save(wait=True)
         if self.stop_requested is not None:
             path = ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
             if not ckpt.is_complete(path):
-                path = self.save_checkpoint()
+                self._checkpoint(wait=True)
             result = {**last, "preempted": self.stop_requested, "checkpoint": str(path)}
             self._emit("on_preempt", result)
             return result
@@ -647,7 +731,7 @@ class Trainer:
         ):
             self._log_eval()
         if cfg.checkpoint.save_final:
-            self._emit("on_checkpoint", self.save_checkpoint())
+            self._checkpoint(wait=True)
         self._emit("on_fit_end", last)
         return last
 
