@@ -1,12 +1,15 @@
 """Chaos drill: kill real `kiln train` runs at random moments, resume them, and check that the
 result is bit for bit the run that was never interrupted.
 
-    python bench/chaos.py [--trials 20] [--seed 0] [--steps 40] [--keep]
+    python bench/chaos.py [--trials 20] [--seed 0] [--steps 40] [--rank-trials 2]
+                          [--fsdp-trials 1] [--rank-steps 20] [--keep]
 
 Everything runs on CPU in a temporary folder (--keep leaves it, with every run's logs); the
 training data is made from Python's own documentation (pydoc_data.topics), nothing is
-downloaded. Each `kiln` is a real process, `python -m kiln train CONFIG.yaml`, run from this
-source tree. What it does:
+downloaded. Each `kiln` is a real process, `python -m kiln train CONFIG.yaml`, run from a copy
+of this tree's src/ taken when the drill starts (so that edits made meanwhile cannot mix two
+versions in one trial; the first line names the commit, and whether src/ had uncommitted
+changes). What it does:
 
 1. Reference: a tiny model (d_model 64, 2 layers, vocab 512, seq 32, batch 8) trained for
    --steps steps, checkpoint every 4 steps, keep_last 2, without interruption.
@@ -19,10 +22,14 @@ source tree. What it does:
      save:PHASE@stepN in the save of checkpoint stepN (any save still ahead, the final one
                       included), as soon as the disk shows that PHASE began: tmp (its
                       .tmp-stepN folder made), model.safetensors, optim.pt, rng.pt,
-                      tokenizer.json (the last file; fsync follows), rename (stepN is in
-                      place, `latest` not yet moved), latest (`latest` moved; retention next)
-   After each kill every stepN folder must be complete and load (weights, optimizer, RNG,
-   trainer.json, config.yaml), and `latest` must name a complete one. At the end the final
+                      tokenizer.json, manifest.json (the last file; fsync follows), rename
+                      (stepN is in place, `latest` not yet moved), latest (`latest` moved;
+                      retention next)
+   After each kill every stepN folder must be complete, load (weights, optimizer, RNG,
+   trainer.json, config.yaml) and match its manifest.json (every other file's size and
+   SHA-256, which kiln writes before the folder's atomic rename; a folder without one, or
+   that differs from it, counts as corrupt), and `latest` must name such a folder. The same
+   check runs on every checkpoint left at the end of every trial below. At the end the final
    checkpoint must equal the reference's: every tensor of model.safetensors, optim.pt and
    rng.pt bit for bit, and trainer.json; metrics.jsonl must hold the reference's history
    (steps, losses, LRs, grad norms, eval losses); no .tmp-step* folder may be left.
@@ -37,10 +44,27 @@ source tree. What it does:
    and let go (SIGCONT). kiln must finish that save, print "stopped by SIGTERM at step N ...
    resume with: kiln train RUN_DIR", exit 0 with `latest` at stepN; a resume must then end
    bit-identical to the reference.
+5. A rank killed mid-step under torchrun (--rank-trials DDP, --fsdp-trials FSDP2 with
+   sharded checkpoints). Reference: the same tiny run, --rank-steps steps, under
+   `python -m torch.distributed.run --standalone --nproc-per-node=2 -m kiln train CONFIG`
+   (OMP_NUM_THREADS=1, gloo, parallel.timeout_minutes 0.5), uninterrupted. Each trial starts
+   it in a fresh folder and, once its first checkpoint is saved, SIGKILLs ONE kiln worker (a
+   random rank, found as a child of the torchrun launcher by the RANK= in its environment;
+   never the launcher) either at a random moment of the rest of the training loop (as long
+   as it lasted in the reference; a kill that comes after the console's "done:" line is
+   drawn again on a fresh run) or as rank 0 begins the save of a random later checkpoint.
+   torchrun must exit non-zero within 120 s (the time is printed) and leave no worker
+   running; no stepN folder may be damaged, and `latest` must name a complete one that
+   passes its manifest. Then the same torchrun command must resume to a final checkpoint
+   equal to the 2-rank reference's (weights and optimizer state bit for bit, read from dcp/
+   for FSDP; rng.pt, which rank 0 writes; trainer.json; metrics history), with no
+   .tmp-step* left, and `kiln checkpoint verify RUN_DIR` must exit 0.
 
-Prints one line per trial, then 'K/N resumed, K/N bit-identical, C corrupt' (N: the SIGKILL
-trials; C: damaged checkpoints or pointers seen in any trial). Exits 1 if any trial did not
-resume, differs from the reference, or left anything corrupt.
+Prints one line per trial, then 'K/N resumed, K/N bit-identical, C corrupt; R/M rank-kill
+trials resumed bit-identical (...)' (N: the SIGKILL trials; C: damaged checkpoints or
+pointers seen in any trial; M: the rank-kill trials). Exits 1 if any trial did not resume,
+differs from the reference, left anything corrupt, or (rank kills) torchrun did not fail
+in time.
 """
 
 from __future__ import annotations
@@ -67,13 +91,14 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+SRC = REPO / "src"  # what the kiln processes run: main() points it at a copy taken at start
 
 from kiln import checkpoint as ckpt  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 
 INTERVAL, KEEP_LAST = 4, 2
-SAVE_PHASES = ("tmp", "model.safetensors", "optim.pt", "rng.pt", "tokenizer.json", "rename",
-               "latest")
+SAVE_PHASES = ("tmp", "model.safetensors", "optim.pt", "rng.pt", "tokenizer.json",
+               "manifest.json", "rename", "latest")
 TIMING_KEYS = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu"}
 POLL = 0.0005  # seconds between looks at the run's folder
 
@@ -94,7 +119,8 @@ def make_tokens(root: Path) -> Path:
     return root / "tokens" / "tokens.bin"
 
 
-def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, **checkpoint) -> Path:
+def write_config(path: Path, tokens: Path, run_dir: Path, steps: int,
+                 parallel: dict | None = None, **checkpoint) -> Path:
     cfg = {
         "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "mlp_hidden_size": 192,
                   "vocab_size": 512, "max_seq_len": 64},
@@ -107,20 +133,33 @@ def write_config(path: Path, tokens: Path, run_dir: Path, steps: int, **checkpoi
         "checkpoint": {"interval": INTERVAL, "keep_last": KEEP_LAST, **checkpoint},
         "log": {"interval": 1},
     }
+    if parallel:
+        cfg["parallel"] = parallel
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-class Kiln:
-    """One `python -m kiln train CONFIG` process, its output in LOGS/NAME.out and .err."""
+def torchrun_argv(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}"]
 
-    def __init__(self, config: Path, logs: Path, name: str):
+
+class Kiln:
+    """One `python -m kiln train CONFIG` process, its output in LOGS/NAME.out and .err; with
+    `ranks`, the same under `python -m torch.distributed.run --nproc-per-node=RANKS` (the
+    process is then the torchrun launcher, the kiln workers its children)."""
+
+    def __init__(self, config: Path, logs: Path, name: str, ranks: int = 0):
         self.out, self.err = logs / f"{name}.out", logs / f"{name}.err"
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
-        env.pop("KILN_FAULT_INJECT", None)
+        env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
+        for var in ("KILN_FAULT_INJECT", "KILN_FAULT_SAVE"):
+            env.pop(var, None)
+        argv = [sys.executable, "-m", "kiln", "train", str(config)]
+        if ranks:
+            env["OMP_NUM_THREADS"] = "1"
+            argv = torchrun_argv(ranks) + argv[1:]
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config)],
-                                         stdout=out, stderr=err, env=env)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
         self.t0 = time.perf_counter()
 
     def running(self) -> bool:
@@ -199,17 +238,34 @@ def logged_step(run: Path) -> int:
 
 
 def damage(path: Path, run: Path) -> str | None:
-    """Why checkpoint folder `path` cannot be resumed from, or None if it loads in full."""
+    """Why checkpoint folder `path` cannot be resumed from, or None if it loads in full and
+    every file matches its manifest (sizes and SHA-256)."""
     if not ckpt.is_complete(path):
         return f"{path.name} is incomplete ({', '.join(ckpt.missing_parts(path))} missing)"
     try:
+        if not (path / ckpt.MANIFEST).is_file():  # kiln writes it before the folder's rename
+            return f"{path.name} has no {ckpt.MANIFEST}"
+        problems = ckpt.manifest_problems(path, checksums=True)
+        if problems:
+            return (f"{path.name} fails its manifest: "
+                    f"{problems[0].replace(str(path) + os.sep, '')[:120]}"
+                    + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
         ckpt.check_resumable(path, run)
-        c = ckpt.load(path, with_optim=True, with_rng=True)
-        if c.step != int(path.name[len("step"):]):
-            return f"{path.name}/trainer.json says step {c.step}"
-        if not c.model or c.optim is None or c.rng is None:
+        if ckpt.is_sharded(path):
+            trainer, _ = ckpt.read_meta(path)
+            state = ckpt.read_sharded_full(path)
+            step, model, optim = int(trainer["step"]), state.get("model"), state.get("optim")
+            rng = torch.load(path / "rng.pt", weights_only=True)
+            del state
+        else:
+            c = ckpt.load(path, with_optim=True, with_rng=True)
+            step, model, optim, rng = c.step, c.model, c.optim, c.rng
+            del c
+        if step != int(path.name[len("step"):]):
+            return f"{path.name}/trainer.json says step {step}"
+        if not model or optim is None or rng is None:
             return f"{path.name} lacks weights, optimizer or RNG state"
-        del c
+        del model, optim, rng
     except (KilnError, OSError, RuntimeError, ValueError) as e:
         return f"{path.name} does not load: {str(e)[:120]}"
     finally:
@@ -219,19 +275,24 @@ def damage(path: Path, run: Path) -> str | None:
 
 def audit(run: Path, final: bool) -> tuple[list[str], list[str]]:
     """(corrupt things, leftovers) in the run's checkpoints folder. Corrupt: a stepN folder
-    that is not a complete, loadable checkpoint, a `latest` naming no complete checkpoint,
-    and (when `final`) any .tmp-step* folder. Leftovers: other hidden scratch files."""
+    that is not a complete, loadable checkpoint or does not match its manifest.json (sizes
+    and SHA-256 of every file), a `latest` naming no such checkpoint, and (when `final`) any
+    .tmp-step* folder. Leftovers: other hidden scratch files."""
     corrupt, litter = [], []
     root = ckpt.checkpoints_dir(run)
     if not root.is_dir():
         return corrupt, litter
+    bad = set()
     for p in step_dirs(run).values():
         why = damage(p, run)
         if why:
             corrupt.append(why)
+            bad.add(p.name)
     name = latest_name(run)
     if name is not None and not ckpt.is_complete(root / name):
         corrupt.append(f"latest names {name!r}, not a complete checkpoint")
+    elif name in bad:
+        corrupt.append(f"latest names {name!r}, which fails the checks above")
     for p in sorted(root.iterdir()):
         if p.name.startswith(".tmp-step") and final:
             corrupt.append(f"{p.name} left after the run finished")
@@ -283,12 +344,22 @@ def differences(want: Path, got: Path) -> list[str]:
     weights are released when it returns: an open mapping keeps a tmpfs busy)."""
     out = []
     try:
-        a, b = load_file(str(want / "model.safetensors")), load_file(str(got / "model.safetensors"))
+        if ckpt.is_sharded(want):  # dcp/: full weights and optimizer state, read in one process
+            sa, sb = ckpt.read_sharded_full(want), ckpt.read_sharded_full(got)
+            a, b = sa["model"], sb["model"]
+            if not same(sa.get("optim"), sb.get("optim")):
+                out.append("optimizer state (dcp)")
+            del sa, sb
+            names = ("rng.pt",)
+        else:
+            a = load_file(str(want / "model.safetensors"))
+            b = load_file(str(got / "model.safetensors"))
+            names = ("optim.pt", "rng.pt")
         if a.keys() != b.keys():
             out.append("model tensor names")
         out += [f"model {k}" for k in sorted(a.keys() & b.keys()) if not same_tensor(a[k], b[k])]
         del a, b
-        for name in ("optim.pt", "rng.pt"):
+        for name in names:
             if not same(torch.load(want / name, weights_only=True),
                         torch.load(got / name, weights_only=True)):
                 out.append(name)
@@ -325,6 +396,7 @@ class Reference:
     life: float  # seconds from spawn to exit
     startup: float  # seconds from spawn to the first console line
     history: list[dict] = field(default_factory=list)
+    loop: float = 0.0  # seconds from `latest` first appearing to "done:" (torchrun references)
 
     @property
     def training(self) -> float:
@@ -344,18 +416,32 @@ class Result:
         return self.resumed and self.identical and not self.corrupt and not self.problems
 
 
-def reference_run(root: Path, tokens: Path, steps: int) -> Reference:
+def reference_run(root: Path, tokens: Path, steps: int, ranks: int = 0,
+                  parallel: dict | None = None) -> Reference:
     run = root / "run"
-    k = Kiln(write_config(root / "c.yaml", tokens, run, steps), root, "kiln")
+    k = Kiln(write_config(root / "c.yaml", tokens, run, steps, parallel), root, "kiln", ranks)
     wait_until(k, k.started_training)
     startup = time.perf_counter() - k.t0
+    loop = 0.0
+    if ranks:  # how long the loop runs on after its first checkpoint (looked at every 10 ms)
+        if wait_until(k, lambda: latest_name(run) is not None):
+            t_first = time.perf_counter()
+            while k.running() and not training_done(k):
+                time.sleep(0.01)
+            loop = time.perf_counter() - t_first
     if k.wait() != 0:
-        sys.exit(f"the reference run failed: {k.last_error()} (see {k.err})")
+        sys.exit(f"the reference run in {root} failed: {k.last_error()} (see {k.err})")
     life = time.perf_counter() - k.t0
     final = run / "checkpoints" / f"step{steps}"
     if not ckpt.is_complete(final):
         sys.exit(f"the reference run left no {final}")
-    return Reference(run, final, steps, life, startup, history(run))
+    return Reference(run, final, steps, life, startup, history(run), loop)
+
+
+def training_done(k: Kiln) -> bool:
+    """The console's "done:" line (on_fit_end): the training loop and its final save are
+    over."""
+    return "\ndone: step" in k.out.read_text(errors="replace")
 
 
 STALE = ".chaos-stale"  # marks a .tmp-stepN folder an earlier kill left behind
@@ -425,10 +511,11 @@ def kill_once(config: Path, run: Path, ref: Reference, rng: random.Random, logs:
     return False, f"{what} missed ({'not reached, ' if not hit else ''}run {status})"
 
 
-def finish(config: Path, run: Path, logs: Path, name: str, tries: int = 4) -> tuple[int, str]:
+def finish(config: Path, run: Path, logs: Path, name: str, tries: int = 4, ranks: int = 0
+           ) -> tuple[int, str]:
     """Run the same command until it exits 0: (runs it took, '' or the last error)."""
     for i in range(1, tries + 1):
-        k = Kiln(config, logs, f"{name}-finish{i}")
+        k = Kiln(config, logs, f"{name}-finish{i}", ranks)
         if k.wait() == 0:
             return i, ""
         err = k.last_error()
@@ -599,6 +686,156 @@ def sigterm_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random
     return res, f"{what} -> resumed in {runs} run(s)"
 
 
+RANKS = 2
+RANK_TIMEOUT_MIN = 0.5  # parallel.timeout_minutes: a survivor stuck in a collective fails fast
+EXIT_LIMIT = 120  # seconds torchrun may take to exit after a rank is killed
+
+
+def rank_parallel(dp: str) -> dict:
+    return {"dp": dp, "timeout_minutes": RANK_TIMEOUT_MIN}
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the kiln workers a torchrun launcher started: its children whose
+    environment holds RANK=."""
+    kids: set[int] = set()
+    for f in Path(f"/proc/{launcher}/task").glob("*/children"):
+        try:
+            kids |= {int(x) for x in f.read_text().split()}
+        except OSError:
+            pass
+    found = {}
+    for kid in kids:
+        try:
+            env = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for var in env:
+            if var.startswith(b"RANK="):
+                found[int(var[len("RANK="):])] = kid
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Is process `pid` running (a zombie is not)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def worker_error(k: Kiln) -> str:
+    """The exit codes in torchrun's report and the first error line a kiln worker wrote."""
+    err = k.err.read_text(errors="replace")
+    codes = re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", err)
+    said = "exit codes " + ", ".join(f"rank {r} {c}" for r, c in sorted(codes))
+    for line in err.splitlines():
+        m = re.match(r"\[rank\d+\]:\s*((kiln: error:|[A-Za-z_.]*(Error|Exception)\b:).*)",
+                     line.strip())
+        if m:
+            text = re.sub(r"\[/\S+\] ", "", m.group(1))  # without gloo's source path
+            return f"{said}; {text[:90]}"
+    return said
+
+
+def verify_cli(run: Path) -> str | None:
+    """`kiln checkpoint verify RUN`: None when it exits 0, else its complaint."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run([sys.executable, "-m", "kiln", "checkpoint", "verify", str(run)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode == 0:
+        return None
+    said = (out.stdout + out.stderr).strip().splitlines()
+    return f"exit {out.returncode}: {said[0][:150] if said else 'nothing said'}"
+
+
+def rank_kill_trial(root: Path, tokens: Path, ref: Reference, rng: random.Random, dp: str
+                    ) -> tuple[Result, str, float | None]:
+    """A 2-rank torchrun run; once its first checkpoint is saved, ONE worker process (a
+    random rank) is SIGKILLed at a random moment: in the training loop, or as rank 0 begins
+    the save of a random later checkpoint. torchrun must exit non-zero within EXIT_LIMIT s
+    (returned: how long it took) and leave no worker behind; no checkpoint may be damaged;
+    then the same torchrun command resumes to a final checkpoint bit-identical to the
+    2-rank reference's."""
+    root.mkdir()
+    run = root / "run"
+    config = write_config(root / "c.yaml", tokens, run, ref.steps, rank_parallel(dp))
+    res, what, exit_s = Result(), "", None
+    for attempt in range(1, 4):  # a kill that lands after the run ended is drawn again
+        k = Kiln(config, root, f"kill-{attempt}", RANKS)
+        if not wait_until(k, lambda: latest_name(run) is not None, timeout=300):
+            k.wait()
+            res.problems.append(f"no first checkpoint (rc {k.proc.returncode}; "
+                                f"{worker_error(k)})")
+            return res, "the run never saved", None
+        pids = workers(k.proc.pid)
+        if sorted(pids) != list(range(RANKS)):
+            res.problems.append(f"workers of torchrun (pid {k.proc.pid}) not found: {pids}")
+            k.signal(signal.SIGTERM)  # torchrun then stops its workers
+            k.wait()
+            return res, "no workers", None
+        victim = rng.randrange(RANKS)
+        kind = rng.choice(["training", "save"])
+        done = max(step_dirs(run), default=0)
+        ahead = [s for s in range(INTERVAL, ref.steps + 1, INTERVAL) if s > done]
+        if kind == "save" and ahead:
+            step = rng.choice(ahead)
+            moment = f"as rank 0 began the save of step{step}"
+            wait_until(k, save_phase_reached(run, step, "tmp"), timeout=300)
+        else:
+            delay = rng.uniform(0, ref.loop)
+            moment = f"{delay:.2f} s after the first checkpoint"
+            end = time.perf_counter() + delay
+            while k.running() and time.perf_counter() < end:
+                time.sleep(0.002)
+        if not (k.running() and alive(pids[victim])) or training_done(k):
+            k.wait()
+            what += f"kill of rank {victim} {moment} missed (training over); "
+            shutil.rmtree(run, ignore_errors=True)
+            continue
+        os.kill(pids[victim], signal.SIGKILL)
+        t_kill = time.perf_counter()
+        try:
+            rc = k.wait(timeout=EXIT_LIMIT + 60)
+        except subprocess.TimeoutExpired:
+            rc = None
+        exit_s = time.perf_counter() - t_kill
+        left = left_by_kill(run, logged_step(run))
+        what += (f"SIGKILL rank {victim} (pid {pids[victim]}) {moment} [{left}] -> torchrun "
+                 f"rc {rc} after {exit_s:.1f} s")
+        if rc is None or rc == 0 or exit_s >= EXIT_LIMIT:
+            res.problems.append(f"torchrun exit {rc} {exit_s:.0f} s after the kill "
+                                f"(want non-zero within {EXIT_LIMIT} s)")
+        else:
+            res.notes.append(worker_error(k))
+        deadline = time.perf_counter() + 5
+        while any(alive(p) for p in pids.values()) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        for r, p in pids.items():
+            if alive(p):
+                res.problems.append(f"rank {r} (pid {p}) still running after torchrun exited")
+                os.kill(p, signal.SIGKILL)
+        break
+    else:
+        res.problems.append("three runs ended before the kill landed")
+        return res, what, None
+    corrupt, _ = audit(run, final=False)
+    res.corrupt += [f"after the kill: {c}" for c in corrupt]
+    if latest_name(run) is None or not ckpt.is_complete(ckpt.checkpoints_dir(run)
+                                                         / latest_name(run)):
+        res.problems.append(f"after the kill latest is {latest_name(run)}, not a complete "
+                            "checkpoint")
+    runs, err = finish(config, run, root, "trial", tries=2, ranks=RANKS)
+    if err:
+        res.problems.append(f"resume failed {runs} times: {err}")
+    check_end(run, ref, res)
+    complaint = verify_cli(run)
+    if complaint:
+        res.corrupt.append(f"kiln checkpoint verify: {complaint}")
+    return res, f"{what} -> resumed in {runs} run(s)", exit_s
+
+
 def verdict(res: Result) -> str:
     words = ["resumed" if res.resumed else "NOT RESUMED",
              "bit-identical" if res.identical else "NOT IDENTICAL"]
@@ -607,11 +844,28 @@ def verdict(res: Result) -> str:
     return ", ".join(words) + "".join(f"; {n}" for n in res.problems + res.notes)
 
 
+def source_version() -> str:
+    """The commit of this source tree, and whether src/ differs from it."""
+    def git(*a: str) -> str:
+        out = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "(no git)"
+    return head + (" + uncommitted changes in src/" if git("status", "--porcelain", "src")
+                   else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20, help="SIGKILL trials (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--steps", type=int, default=40, help="training steps of each run")
+    ap.add_argument("--rank-trials", type=int, default=2,
+                    help="trials killing one rank of a 2-process DDP torchrun run (default 2)")
+    ap.add_argument("--fsdp-trials", type=int, default=1,
+                    help="the same with FSDP2 and sharded checkpoints (default 1)")
+    ap.add_argument("--rank-steps", type=int, default=20,
+                    help="training steps of each torchrun run (default 20)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder and its logs")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -619,11 +873,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-"))
     failed = False
     try:
+        global SRC  # edits made to src/ while the drill runs must not mix two versions
+        SRC = Path(shutil.copytree(REPO / "src", work / "src",
+                                   ignore=shutil.ignore_patterns("__pycache__")))
         tokens = make_tokens(work)
         (work / "ref").mkdir()
         ref = reference_run(work / "ref", tokens, args.steps)
         print(f"reference: {args.steps} steps, checkpoint every {INTERVAL}, keep_last "
-              f"{KEEP_LAST}; {ref.life:.1f} s ({ref.startup:.1f} s start-up); work folder {work}",
+              f"{KEEP_LAST}; {ref.life:.1f} s ({ref.startup:.1f} s start-up); work folder {work}; "
+              f"kiln {source_version()}",
               flush=True)
         resumed = identical = corrupt = 0
         w = len(str(args.trials))
@@ -647,8 +905,35 @@ def main() -> int:
             corrupt += len(res.corrupt)
             failed |= not res.ok
             print(f"{name}: {line}: {verdict(res)}", flush=True)
+        rank_ok, exits = 0, []
+        rank_total = args.rank_trials + args.fsdp_trials
+        for dp, count in (("ddp", args.rank_trials), ("fsdp", args.fsdp_trials)):
+            if not count:
+                continue
+            (work / f"ref-{dp}").mkdir()
+            rref = reference_run(work / f"ref-{dp}", tokens, args.rank_steps, RANKS,
+                                 rank_parallel(dp))
+            print(f"reference ({RANKS} ranks, {dp}): {args.rank_steps} steps; {rref.life:.1f} s "
+                  f"({rref.startup:.1f} s start-up, {rref.loop:.1f} s from the first checkpoint "
+                  "to the end of training)", flush=True)
+            for i in range(1, count + 1):
+                t0 = time.perf_counter()
+                res, line, exit_s = rank_kill_trial(work / f"rank-{dp}{i}", tokens, rref, rng,
+                                                    dp)
+                rank_ok += res.ok
+                corrupt += len(res.corrupt)
+                failed |= not res.ok
+                if exit_s is not None:
+                    exits.append(exit_s)
+                print(f"rank-kill {dp} {i}/{count} {line}: {verdict(res)} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        ranks = ""
+        if rank_total:
+            slowest = f"; torchrun exited {max(exits):.1f} s after a kill at most" if exits else ""
+            ranks = (f"; {rank_ok}/{rank_total} rank-kill trials resumed bit-identical "
+                     f"({args.rank_trials} ddp, {args.fsdp_trials} fsdp{slowest})")
         print(f"{resumed}/{args.trials} resumed, {identical}/{args.trials} bit-identical, "
-              f"{corrupt} corrupt ({time.perf_counter() - t_start:.0f} s)")
+              f"{corrupt} corrupt{ranks} ({time.perf_counter() - t_start:.0f} s)")
     finally:
         if args.keep or failed:
             print(f"work folder kept: {work}")
