@@ -155,3 +155,7 @@ def test_a_failing_rank_fails_the_whole_job(pydoc_tokens, tmp_path):
     assert out.returncode != 0
     assert time.time() - start < 120
     assert "injected fault on rank 1 at step 5" in out.stderr
+    # the rank that lost its peer says so in one kiln line, not a traceback of its own
+    lost = [line for line in out.stderr.splitlines() if "lost a peer" in line]
+    assert lost and "kiln: error: rank 0 lost a peer at step" in lost[0], out.stderr[-3000:]
+    assert "[rank0]: Traceback" not in out.stderr, out.stderr[-3000:]

@@ -217,6 +217,8 @@ class Trainer:
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._fault = _fault_injection(self.dist.rank)
         self.save_stalls: list[float] = []  # seconds each background save paused training
+        self._copied: threading.Event | None = None  # set when a background save has copied
+        self._copy_wait = 0.0
         self.compiled = wants_compile(cfg.parallel, self.device)
         self._recompiled = False
         # rank hygiene: only rank 0 writes files and talks to the console
@@ -373,16 +375,24 @@ class Trainer:
         msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
         if not self.dist.is_main:
             return
-        copy = (lambda t: t.clone()) if self.device.type == "cpu" else (lambda t: t)
-        msd = {k: copy(v) for k, v in ckpt.dedupe_tied(msd).items()}  # a tied head once
-        osd = tree_map(lambda x: copy(x) if isinstance(x, torch.Tensor) else x, osd)
         parts = self._save_parts()
         step, stall = self.step, time.perf_counter() - t0
         policy = self.cfg.checkpoint.on_save_error
         retries = int(policy.split()[1]) if policy.startswith("retry") else 0
+        # On CPU the gathered tensors are the live ones: the thread copies them first, while
+        # the next forward and backward run (they change no weight and no Adam moment); the
+        # next optimizer step waits for the copy (see train_step).
+        copy = (lambda t: t.clone()) if self.device.type == "cpu" else (lambda t: t)
+        self._copied, self._copy_wait = threading.Event(), 0.0
 
         def write() -> None:
+            nonlocal msd, osd
             t = time.perf_counter()
+            try:
+                msd = {k: copy(v) for k, v in ckpt.dedupe_tied(msd).items()}  # tied head once
+                osd = tree_map(lambda x: copy(x) if isinstance(x, torch.Tensor) else x, osd)
+            finally:
+                self._copied.set()
             for attempt in range(retries + 1):
                 try:
                     path = ckpt.save(self.run_dir, step, model=msd, optim=osd, **parts)
@@ -410,6 +420,7 @@ class Trainer:
         thread.join()
         self._bg_thread = None
         path, error, stall, took = self._bg_result
+        stall += self._copy_wait  # and the optimizer step that waited for the copy
         if error is not None:
             if raise_error:
                 raise KilnError(f"background save failed: {error}")
@@ -495,6 +506,11 @@ class Trainer:
                 loss, ce = self.micro_loss(mb)
                 (loss / n_micro).backward()
             loss_sum += ce.detach()
+        if self._copied is not None:  # a background save still copying these weights
+            t0 = time.perf_counter()
+            self._copied.wait()
+            self._copied = None
+            self._copy_wait += time.perf_counter() - t0
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    clip if clip > 0 else float("inf"))
@@ -533,10 +549,8 @@ class Trainer:
         logged from them. All ranks must call (one tiny all-reduce when distributed)."""
         first = self._bad_step.clone()
         if weights:
-            local = [p.to_local() if hasattr(p, "to_local") else p
-                     for p in self.module.parameters()]
-            w_bad = torch.stack([(~torch.isfinite(t.detach())).any() for t in local]).any()
-            first = torch.where((first == 0) & w_bad, self.step, first)
+            first = torch.where((first == 0) & ~all_finite(self.module.parameters()),
+                                self.step, first)
         if self.dist.enabled:
             dist.all_reduce(first, op=dist.ReduceOp.MAX)
         bad_step = int(first.item())
@@ -652,8 +666,17 @@ class Trainer:
         return flag
 
     def fit(self) -> dict:
-        with self._preemption_signals():
-            return self._fit()
+        try:
+            with self._preemption_signals():
+                return self._fit()
+        except RuntimeError as e:  # a collective broken by a peer that died: one line
+            if not (self.dist.enabled and _lost_peer(e)):
+                raise
+            raise KilnError(
+                f"rank {self.dist.rank} lost a peer at step {self.step} (another process of "
+                f"the job failed or was killed: {_peer_error(e)}); earlier checkpoints are "
+                "intact: fix the failed rank (its own error is above) and resume with the "
+                "same command") from None
 
     def _fit(self) -> dict:
         cfg, n = self.cfg, self.numbers
@@ -740,6 +763,31 @@ class Trainer:
         metrics = self.evaluate()
         if metrics is not None:
             self._emit("on_eval", {"step": self.step, "tokens": self.tokens_seen, **metrics})
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the job went away."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in (
+        "Connection reset", "closed by peer", "Connection closed", "Broken pipe",
+        "Connection refused", "Socket Timeout", "timed out"))
+
+
+def _peer_error(e: RuntimeError) -> str:
+    """The library's words without its source location ("[.../pair.cc:553] ")."""
+    import re
+
+    return re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", one_line(e))[:100]
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A bool tensor (no host sync): every value of every tensor (or local shard) is finite.
+    The largest magnitude is inf or NaN exactly when a value is, and never overflows."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    local = [t.detach() for t in local if t.numel()]
+    if not local:
+        return torch.tensor(True)
+    return torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all()
 
 
 def _fault_injection(rank: int) -> int | None:
