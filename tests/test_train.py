@@ -148,7 +148,7 @@ def test_activation_checkpointing_changes_memory_not_results(pydoc_tokens, tmp_p
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_and_never_recompile(pydoc_tokens, tmp_path, capsys):
+def test_compiled_blocks_train_like_eager_resume_exactly_and_never_recompile(pydoc_tokens, tmp_path, capsys):
     over = dict(trainer__max_duration=5, trainer__eval_interval=2, log__console=True)
     train(tiny_cfg(pydoc_tokens, tmp_path / "eager", **over))
     assert "torch.compile" not in capsys.readouterr().out  # auto: not on CPU
@@ -166,6 +166,12 @@ def test_compiled_blocks_train_like_eager_and_never_recompile(pydoc_tokens, tmp_
     batch = trainer.loader.next_batch()[:, :17]
     trainer._watched_step(batch, start_step=0)
     assert "new graph(s) in step 6" in capsys.readouterr().err
+    # exact resume holds with compiled blocks (and the fused loss, the default)
+    split = tmp_path / "split"
+    train(tiny_cfg(pydoc_tokens, split, parallel__compile=True, trainer__hard_stop=3, **over))
+    train(tiny_cfg(pydoc_tokens, split, parallel__compile=True, **over))
+    a, b = final_weights(split), final_weights(tmp_path / "compiled")
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_z_loss_regularises_without_changing_the_logged_cross_entropy(pydoc_tokens, tmp_path):
