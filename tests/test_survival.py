@@ -254,3 +254,24 @@ def test_a_run_that_cannot_save_never_starts(pydoc_tokens, tmp_path):
     finally:
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_resume_on_changed_data_is_refused_and_names_the_ways_on(pydoc_tokens, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(pydoc_tokens.parent, data)
+    tokens = data / pydoc_tokens.name
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tokens, run,
+                          trainer={"max_duration": 6, "eval_interval": 0, "hard_stop": 3})
+    assert kiln_here("train", config).returncode == 0
+    ids = bytearray(tokens.read_bytes())  # the same size, other tokens: re-prepared data
+    ids[:64] = bytes(reversed(ids[:64]))
+    tokens.write_bytes(bytes(ids))
+    before = snapshot(run)
+    out = kiln_here("train", run, "--trainer.hard_stop=null")
+    assert_one_line_error(out, "training data changed since step3", f"{tokens} holds other",
+                          "--init.load_data_position=false", "--data.allow_changed=true")
+    assert snapshot(run) == before
+    out = kiln_here("train", run, "--trainer.hard_stop=null", "--data.allow_changed=true")
+    assert out.returncode == 0, out.stderr
+    assert ckpt.latest_checkpoint(run).name == "step6"

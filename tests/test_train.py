@@ -148,7 +148,8 @@ def test_activation_checkpointing_changes_memory_not_results(pydoc_tokens, tmp_p
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_resume_exactly_and_never_recompile(pydoc_tokens, tmp_path, capsys):
+def test_compiled_blocks_train_like_eager_resume_exactly_and_never_recompile(
+        pydoc_tokens, tmp_path, capsys):
     over = dict(trainer__max_duration=5, trainer__eval_interval=2, log__console=True)
     train(tiny_cfg(pydoc_tokens, tmp_path / "eager", **over))
     assert "torch.compile" not in capsys.readouterr().out  # auto: not on CPU

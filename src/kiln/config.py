@@ -205,6 +205,10 @@ class DataConfig:
     """Held-out share of windows (taken from the end of the data) when val_paths is empty."""
     prefetch: Annotated[int, AtLeast(0)] = 4
     """Batches prepared ahead of the training step on a background thread."""
+    allow_changed: bool = False
+    """Resume even though the token files differ from those the checkpoint was trained on
+    (their size, first or last MiB, or sidecar): the saved data position then points into
+    other data. Off: such a resume is refused."""
 
 
 @dataclass

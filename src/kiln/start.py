@@ -22,7 +22,7 @@ import torch
 
 from kiln import checkpoint as ckpt
 from kiln.config import Config, Duration, config_from_dict, is_number, run_numbers
-from kiln.data.tokens import resolve_paths
+from kiln.data.tokens import fingerprint_change, resolve_paths
 from kiln.errors import KilnError
 from kiln.schedule import LRSchedule
 
@@ -146,6 +146,23 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
             f"data.paths differ from those of the run in {cfg.trainer.run_dir}; to switch data, "
             f"start a new run with --init.from={latest} (its data starts fresh)"
         )
+    saved_print = trainer.get("data_fingerprint")
+    if isinstance(saved_print, list) and all(isinstance(x, dict) for x in saved_print):
+        try:
+            files = resolve_paths(cfg.data.paths)
+        except KilnError:
+            files = None  # the loader names what is missing
+        change = fingerprint_change(saved_print, files) if files else None
+        if change and not cfg.data.allow_changed:
+            raise KilnError(
+                f"the training data changed since {latest.name} was saved ({change}), so its "
+                f"data position would point into other data; to go on with the data as it is, "
+                f"from its start: kiln train {cfg.trainer.run_dir} --trainer.run_dir=NEW_DIR "
+                f"--init.from={latest} --init.load_data_position=false; or, if you know the "
+                "saved position is still right, --data.allow_changed=true")
+        if change:
+            notes.append(f"data: {change}; resuming at the saved position anyway "
+                         "(data.allow_changed=true)")
     if cfg.data.seq_len != saved.data.seq_len:
         raise KilnError(f"data.seq_len changed from {saved.data.seq_len} to {cfg.data.seq_len}; "
                         "a run keeps its sequence length (start a new run with init.from)")

@@ -29,7 +29,7 @@ from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
-from kiln.data.tokens import TokenFile, check_vocab, open_token_files
+from kiln.data.tokens import TokenFile, check_vocab, fingerprint, open_token_files
 from kiln.errors import KilnError, one_line, warn
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
@@ -173,6 +173,7 @@ class Trainer:
             stop = min(stop, t.hard_stop.to_steps(n.tokens_per_step))
         self.numbers: RunNumbers = replace(n, total_steps=self.plan.total_steps, stop_step=stop)
         self.tokenizer_path = find_tokenizer(cfg, files)
+        self.data_fingerprint = [fingerprint(f.path) for f in files]
         entropies = [f.meta.get("unigram_entropy") for f in files]
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
         self.loader = BatchLoader(self.train_data, t.global_batch_size, cfg.data.seed,
@@ -254,6 +255,7 @@ class Trainer:
             "total_steps": self.numbers.total_steps,
             "tokens_per_step": self.numbers.tokens_per_step,
             "data_files": [str(f.path) for f in self.train_files],
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def _load_source(self, plan: StartPlan) -> None:

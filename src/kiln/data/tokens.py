@@ -272,6 +272,38 @@ def _token_files_in(folder: Path) -> list[Path]:
     return out
 
 
+def fingerprint(path: Path, edge: int = 2**20) -> dict[str, Any]:
+    """What identifies a token file's contents cheaply: its name, size, a hash of its first
+    and last MiB, and a hash of its sidecar when it has one (saved with each checkpoint, so a
+    resume on changed data is noticed)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            h.update(f.read(edge))
+    side = sidecar_path(path)
+    return {"file": path.name, "bytes": size, "edges_sha256": h.hexdigest()[:16],
+            "sidecar_sha256": (hashlib.sha256(side.read_bytes()).hexdigest()[:16]
+                               if side.is_file() else None)}
+
+
+def fingerprint_change(saved: list[dict], paths: Sequence[Path]) -> str | None:
+    """How `paths` differ from a saved fingerprint (None: they match)."""
+    now = [fingerprint(p) for p in paths]
+    if len(now) != len(saved):
+        return f"{len(saved)} file(s) then, {len(now)} now"
+    for p, a, b in zip(paths, saved, now):
+        if a.get("bytes") != b["bytes"]:
+            return f"{p} is {b['bytes']:,} bytes, it was {a.get('bytes', 0):,}"
+        if a.get("edges_sha256") != b["edges_sha256"]:
+            return f"{p} holds other tokens (its first or last MiB changed)"
+        if a.get("sidecar_sha256") != b["sidecar_sha256"]:
+            return f"{sidecar_path(p)} changed"
+    return None
+
+
 def resolve_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path]:
     """Expand globs and directories into a sorted, de-duplicated list of token files."""
     if isinstance(patterns, (str, Path)):
