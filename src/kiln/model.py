@@ -94,9 +94,43 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, hd] by the tables [T, hd]; computed in fp32, returned in x's dtype."""
+    """Rotate x [B, H, T, hd] by the tables [T, hd] (or [B, 1, T, hd]: per-token positions);
+    computed in fp32, returned in x's dtype."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Documents packed into one window (data.document_mask / data.document_positions)
+
+
+def document_ids(tokens: Tensor, eos_id: int) -> Tensor:
+    """[B, T] tokens -> [B, T] long: which document of its row each token belongs to (0, 1, ..).
+    A token belongs to the document that ends at the next EOS: the EOS is the last token of its
+    document and the token after it starts the next one (an exclusive cumsum of the EOS flags).
+    """
+    is_eos = (tokens == eos_id).long()
+    return is_eos.cumsum(1) - is_eos
+
+
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """[B, T] document ids -> [B, T] long: each token's index inside its document, i.e. RoPE
+    positions that restart at 0 where a document starts. The row's first document (which may
+    have begun before the window) also counts from 0 at the window's first token."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(first, idx, 0).cummax(1).values  # start index of each token's document
+    return idx - start
+
+
+def document_mask(doc_ids: Tensor) -> Tensor:
+    """[B, T] document ids -> [B, 1, T, T] bool attention mask (True = may attend): causal and
+    within the same document. It costs B * T * T bytes (0.5 GiB for 32 windows of 4096)."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril_()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and_(causal)[:, None]
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -125,9 +159,12 @@ class Attention(nn.Module):
         self.k_norm = Norm(cfg.norm, kv_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                doc_mask: Tensor | None = None) -> Tensor:
         """kv: this layer's (k, v) cache buffers [B, kv_heads, max_len, hd]; the new keys and
-        values are written at positions [start, start + T) and attention sees [0, start + T)."""
+        values are written at positions [start, start + T) and attention sees [0, start + T).
+        doc_mask: [B, 1, T, T] bool from :func:`document_mask` (no cache), replacing the plain
+        causal mask."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
@@ -138,6 +175,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         mask, causal = None, True
+        if doc_mask is not None:
+            # Causal AND same document, as an explicit SDPA mask: correct on every device, but
+            # it materialises [B, 1, T, T] and keeps CUDA off the flash kernel. NOTE: a faster
+            # CUDA path would plug in here: flex_attention with a document BlockMask, or
+            # flash-attn's varlen kernel with cu_seqlens from the EOS positions; both skip the
+            # masked-out blocks. Not built (it needs a GPU to test).
+            mask, causal = doc_mask, False
         if kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, start:start + T] = k
@@ -180,11 +224,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+                doc_mask: Tensor | None = None) -> Tensor:
         if self.reordered:  # OLMo-2: norm the sublayer's output before adding it
-            h = x + self.attn_norm(self.attn(x, cos, sin, kv, start))
+            h = x + self.attn_norm(self.attn(x, cos, sin, kv, start, doc_mask))
             return h + self.mlp_norm(self.mlp(h))
-        h = x + self.attn(self.attn_norm(x), cos, sin, kv, start)
+        h = x + self.attn(self.attn_norm(x), cos, sin, kv, start, doc_mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -272,7 +317,8 @@ class Transformer(nn.Module):
         return c
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *,
-                targets: Tensor | None = None, z_loss: float = 0.0
+                targets: Tensor | None = None, z_loss: float = 0.0,
+                doc_ids: Tensor | None = None, positions: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
         positions cache.length ..; their keys/values are appended and cache.length advances.
@@ -280,19 +326,36 @@ class Transformer(nn.Module):
         With targets [B, T] (training) it returns ``(loss, ce)`` from
         :func:`kiln.losses.linear_cross_entropy` instead, which never makes the full logits.
         The loss is computed here, inside forward, so that DDP / FSDP2 hooks see it and the
-        head's weight is the gathered one."""
+        head's weight is the gathered one.
+
+        Packed documents (training windows, no cache): ``doc_ids`` [B, T] (from
+        :func:`document_ids`) keeps attention inside each document (causal AND same id);
+        ``positions`` [B, T] (e.g. :func:`document_positions`, each in [0, max_seq_len)) gives
+        every token its own RoPE position instead of 0 .. T-1. Either may be given alone."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise KilnError(f"sequence of {start + T} tokens is longer than model.max_seq_len="
                             f"{self.cfg.max_seq_len}; shorten the input or raise max_seq_len")
         if cache is not None:
+            if doc_ids is not None or positions is not None:
+                raise KilnError("doc_ids / positions are for training windows; generation with "
+                                "a KV cache runs unmasked: pass neither with a cache")
             cache.check(B, start + T)
+        for name, t in (("doc_ids", doc_ids), ("positions", positions)):
+            if t is not None and t.shape != tokens.shape:
+                raise KilnError(f"{name} has shape {list(t.shape)}, tokens {list(tokens.shape)}; "
+                                "they must match")
         cos, sin = self._rope(start + T, tokens.device)
-        cos, sin = cos[start:start + T], sin[start:start + T]
+        if positions is None:
+            cos, sin = cos[start:start + T], sin[start:start + T]
+        else:  # gather each token's row of the tables: [B, T, hd] -> [B, 1, T, hd] (all heads)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        doc_mask = document_mask(doc_ids) if doc_ids is not None else None
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.layer(i) if cache is not None else None, start)
+            x = block(x, cos, sin, cache.layer(i) if cache is not None else None, start,
+                      doc_mask)
         if cache is not None:
             cache.length = start + T
         x = self.final_norm(x)

@@ -31,7 +31,7 @@ from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
 from kiln.data.tokens import TokenFile, check_vocab, fingerprint, open_token_files
 from kiln.errors import KilnError, one_line, warn
-from kiln.model import Transformer, flops_per_token
+from kiln.model import Transformer, document_ids, document_positions, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
 from kiln.parallel import (
     DistInfo,
@@ -83,6 +83,22 @@ def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, li
         raise KilnError(f"data.paths hold no window of {d.seq_len + 1} tokens; add data or "
                         "lower data.seq_len")
     return train, val, files
+
+
+def document_eos(cfg: Config, files: list[TokenFile]) -> int | None:
+    """The end-of-document id data.document_mask splits windows at (None when it is off): every
+    token file must know it (from its sidecar or data.eos_token_id) and they must agree."""
+    if not cfg.data.document_mask:
+        return None
+    missing = [f.path for f in files if f.eos_token_id is None]
+    if missing:
+        raise KilnError(f"data.document_mask=true needs the end-of-document id and {missing[0]} "
+                        "has no sidecar naming it; set data.eos_token_id")
+    ids = sorted({int(f.eos_token_id) for f in files})
+    if len(ids) > 1:
+        raise KilnError(f"data.document_mask=true needs one end-of-document id and the token "
+                        f"files disagree ({ids}); use files prepared with one tokenizer")
+    return ids[0]
 
 
 # Dense (no sparsity) peak FLOP/s per GPU, from the vendors' data sheets; MFU is reported
@@ -166,6 +182,8 @@ class Trainer:
         # Data, then how the run starts (new / resume / from a checkpoint)
         self.train_data, self.val_data, files = build_datasets(cfg)
         self.train_files = files
+        self.doc_eos = document_eos(
+            cfg, files + (self.val_data.files if self.val_data is not None else []))
         self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape, resume_from)
         n = run_numbers(cfg, self.dist.world_size)
         stop = self.plan.total_steps
@@ -471,16 +489,27 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def document_kwargs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's doc_ids (and positions) for input windows under data.document_mask
+        (data.document_positions); {} when it is off."""
+        if self.doc_eos is None:
+            return {}
+        doc = document_ids(inputs, self.doc_eos)
+        if self.cfg.data.document_positions:
+            return {"doc_ids": doc, "positions": document_positions(doc)}
+        return {"doc_ids": doc}
+
     def micro_loss(self, mb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, cross entropy for logging) of one micro-batch of windows."""
         inputs, targets = mb[:, :-1], mb[:, 1:]
         z_loss = self.cfg.optim.z_loss
+        docs = self.document_kwargs(inputs)  # {} unless data.document_mask
         if self.cfg.trainer.fused_loss:  # inside forward: DDP / FSDP hooks see the head
             with self.autocast:
-                loss, ce = self.model(inputs, targets=targets, z_loss=z_loss)
+                loss, ce = self.model(inputs, targets=targets, z_loss=z_loss, **docs)
         else:
             with self.autocast:
-                logits = self.model(inputs)
+                logits = self.model(inputs, **docs)
             logits = logits.float().view(-1, logits.size(-1))
             ce = F.cross_entropy(logits, targets.reshape(-1))
             loss = ce
@@ -610,7 +639,7 @@ class Trainer:
                 chunk = np.concatenate([chunk, np.zeros(micro - real, dtype=np.int64)])
             mb = self.val_data.batch(chunk).to(self.device)
             with self.autocast:
-                logits = self.model(mb[:, :-1])
+                logits = self.model(mb[:, :-1], **self.document_kwargs(mb[:, :-1]))
             ce = F.cross_entropy(logits.float().transpose(1, 2), mb[:, 1:], reduction="none")
             sums[0] += ce[:real].mean(dim=1).sum().double()
             sums[1] += real
