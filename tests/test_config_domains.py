@@ -25,7 +25,10 @@ FREE = {
                     "suggestion: tests/test_config.py)",
     "data.paths": "paths, opened (and refused by name) when the data is read",
     "data.val_paths": "paths, as data.paths",
+    "data.sources": "a list of {paths, weight, name}: each item's fields are checked like any "
+                    "other (tests/test_mixture.py)",
     "data.tokenizer": "a path or a known tokenizer name, resolved when needed",
+    "data.cache_dir": "a folder, created when a URL in the data paths is fetched",
     "trainer.run_dir": "any folder",
     "init.from": "a checkpoint, resolved when the run starts",
 }

@@ -106,6 +106,13 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
                                      sum(len(f) for f in files), len(files), plan=plan)
     lines += more
     warnings += data_warnings
+    if hasattr(train, "plan"):  # a mixture: each source's budget over the run
+        windows = plan.total_steps * cfg.trainer.global_batch_size
+        for src in train.plan(windows):
+            lines.append(
+                f"source {src['name']:<14} weight {src['weight']:.3f}: {src['tokens']:,} tokens "
+                f"({src['drawn']:,} of its {src['windows']:,} windows drawn, "
+                f"{src['epochs']:.2f} epochs{', repeated' if src['epochs'] > 1 else ''})")
     for line in lines:
         console.print(line, markup=False)
     for w in warnings:
@@ -284,6 +291,20 @@ def cmd_prepare(args: argparse.Namespace, _: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kiln data (a group of subcommands: fetch)
+
+
+def cmd_data_fetch(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fetch every URL of data.paths / data.val_paths into data.cache_dir before a run."""
+    from kiln.config import load_run_config
+    from kiln.data.remote import fetch_all
+
+    cfg = load_run_config(args.config, overrides)
+    fetch_all(cfg.data)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # kiln launch
 
 
@@ -394,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)
+
+    # kiln data: one subcommand group; further data subcommands are added to `dsub`
+    p = sub.add_parser("data", help="data tools (fetch)")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("fetch", help="fetch the URLs in a config's data.paths and "
+                        "data.val_paths into data.cache_dir (what kiln train would fetch "
+                        "before training); prints sizes and MB/s",
+                        description="Any config field can be overridden, as for kiln train: "
+                        "--data.cache_dir=/local/scratch/kiln")
+    q.add_argument("config", help="YAML config file, or a run directory")
+    q.set_defaults(func=cmd_data_fetch, overrides=True)
 
     p = sub.add_parser("launch", help="write or submit a multi-node job script (Slurm)")
     from kiln.launch import add_launch_arguments

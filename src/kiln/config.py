@@ -183,6 +183,18 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a data mixture (data.sources)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Its token files (as data.paths)."""
+    weight: Annotated[float, Positive] = 1.0
+    """Its share of the training windows; the weights of all sources are normalised."""
+    name: str | None = None
+    """How plans and metrics call it (default: source1, source2, ...)."""
+
+
+@dataclass
 class DataConfig:
     """Token files to train on and how to cut them into instances."""
 
@@ -200,11 +212,23 @@ class DataConfig:
     """Distance between window starts; None means seq_len (non-overlapping windows)."""
     seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the data order: permutation for epoch e is drawn from (seed, e)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture instead of data.paths: [{name: web, paths: [...], weight: 0.7}, ...]; each
+    source gets its weight's share of the windows (kiln.data.mixture)."""
     val_paths: list[str] = field(default_factory=list)
     val_fraction: Annotated[float, Domain(ge=0, lt=1)] = 0.0
     """Held-out share of windows (taken from the end of the data) when val_paths is empty."""
     prefetch: Annotated[int, AtLeast(0)] = 4
     """Batches prepared ahead of the training step on a background thread."""
+    cache_dir: str | None = None
+    """Where URLs in data.paths / data.val_paths (http(s)://, s3://, gs://, ...) are fetched
+    to before training, once per node (kiln.data.remote); None: $KILN_CACHE, else
+    ~/.cache/kiln/data."""
+    cache_limit_gb: Annotated[float | None, Domain(gt=0, fix="null (the default) keeps every "
+                                                   "fetched file; a limit is in GB, e.g. 500")
+                              ] = None
+    """Most GB (1e9 bytes) the cache may hold: a fetch that would pass it first removes the
+    least recently used files this run does not name; None: no limit."""
     allow_changed: bool = False
     """Resume even though the token files differ from those the checkpoint was trained on
     (their size, first or last MiB, or sidecar): the saved data position then points into
@@ -221,6 +245,10 @@ class DataConfig:
     (a document then sees exactly the positions it would see alone). RoPE attention depends
     only on relative positions, so with the mask this changes results only by rounding (the
     tables' angles stay small); it matches trainers that reset position ids per document."""
+
+    def train_paths(self) -> list[str]:
+        """data.paths, or the paths of every source of a mixture."""
+        return list(self.paths) or [p for s in self.sources for p in s.paths]
 
 
 @dataclass
@@ -773,6 +801,10 @@ def check_domains(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, Duration):
             check_domains(value, path + ".")
             continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_domains(item, f"{path}[{i}].")
+            continue
         dom = field_domain(type(obj), f.name) or Domain()
         problem = None
         if isinstance(value, Duration):
@@ -821,6 +853,18 @@ def validate(cfg: Config) -> None:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len"
         )
+    if d.sources:
+        if d.paths:
+            raise KilnError("data.paths and data.sources are both set; a run reads either token "
+                            "files (data.paths) or a mixture of sources (data.sources)")
+        names = [s.name or f"source{i + 1}" for i, s in enumerate(d.sources)]
+        for i, src in enumerate(d.sources):
+            if not src.paths:
+                raise KilnError(f"data.sources[{i}] ({names[i]}) has no paths; list its token "
+                                "files")
+            src.name = names[i]
+        if len(set(names)) < len(names):
+            raise KilnError(f"data.sources names {names} repeat one; give each a name of its own")
     if t.global_batch_size % t.micro_batch_size:
         raise KilnError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible into micro-batches"

@@ -22,7 +22,8 @@ import torch
 
 from kiln import checkpoint as ckpt
 from kiln.config import Config, Duration, config_from_dict, is_number, run_numbers
-from kiln.data.tokens import fingerprint_change, resolve_paths
+from kiln.data.remote import data_names, local_copy
+from kiln.data.tokens import fingerprint_change
 from kiln.errors import KilnError
 from kiln.schedule import LRSchedule
 
@@ -69,11 +70,17 @@ def _steps(d: Duration, tokens_per_step: int) -> int:
     return int(d.value) if d.unit == "steps" else math.ceil(d.value / tokens_per_step)
 
 
-def _data_files(paths: list[str]) -> list[str]:
-    try:
-        return [str(p) for p in resolve_paths(paths)]
-    except KilnError:
-        return list(paths)
+def _data_files(data) -> list[str]:
+    """The training files of a DataConfig, in the order the run reads them (a mixture's
+    sources one after another)."""
+    groups = [s.paths for s in data.sources] if data.sources else [data.paths]
+    out = []
+    for paths in groups:
+        try:
+            out += data_names(paths)  # local files resolved, URLs as given
+        except KilnError:
+            out += list(paths)
+    return out
 
 
 def check_model_shape(cfg: Config, source: Path) -> None:
@@ -141,16 +148,16 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
     if cfg.init.from_:
         notes.append(f"init.from={cfg.init.from_} is not applied again: this run already exists")
 
-    if _data_files(cfg.data.paths) != trainer.get("data_files", _data_files(saved.data.paths)):
+    saved_files = trainer.get("data_files", _data_files(saved.data))
+    if _data_files(cfg.data) != saved_files:
         raise KilnError(
             f"data.paths differ from those of the run in {cfg.trainer.run_dir}; to switch data, "
             f"start a new run with --init.from={latest} (its data starts fresh)"
         )
     saved_print = trainer.get("data_fingerprint")
     if isinstance(saved_print, list) and all(isinstance(x, dict) for x in saved_print):
-        try:
-            files = resolve_paths(cfg.data.paths)
-        except KilnError:
+        files = [local_copy(f, cfg.data.cache_dir) for f in _data_files(cfg.data)]  # URL: cached
+        if not all(f.is_file() for f in files):
             files = None  # the loader names what is missing
         change = fingerprint_change(saved_print, files) if files else None
         if change and not cfg.data.allow_changed:
@@ -232,8 +239,8 @@ def _plan_init(cfg: Config) -> StartPlan:
 
     data_state = None
     if init.load_data_position:
-        if _data_files(cfg.data.paths) != trainer.get("data_files",
-                                                      _data_files(src.data.paths)):
+        if _data_files(cfg.data) != trainer.get(
+                "data_files", _data_files(src.data)):
             raise KilnError(
                 "init.load_data_position=true continues the source run's data order, but "
                 "data.paths differ from the source's; set init.load_data_position=false to "

@@ -29,7 +29,8 @@ from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
-from kiln.data.tokens import TokenFile, check_vocab, fingerprint, open_token_files
+from kiln.data.remote import open_files, source_names
+from kiln.data.tokens import TokenFile, check_vocab, fingerprint
 from kiln.errors import KilnError, one_line, warn
 from kiln.model import Transformer, document_ids, document_positions, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
@@ -59,15 +60,19 @@ def pick_device(name: str) -> torch.device:
 def build_datasets(cfg: Config) -> tuple[WindowDataset, WindowDataset | None, list[TokenFile]]:
     """Training windows, validation windows (own paths or a held-out tail), the train files."""
     d = cfg.data
+    if d.sources:
+        from kiln.data.mixture import build_mixture
+
+        return build_mixture(cfg)
     if not d.paths:
         raise KilnError("data.paths is empty; list token files made by `kiln prepare`")
-    files = open_token_files(d.paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
+    files = open_files(d.paths, d)  # URLs are fetched into data.cache_dir first
     check_vocab(files, cfg.model.vocab_size)
     vocab = cfg.model.vocab_size
     train = WindowDataset(files, d.seq_len, d.stride, vocab_size=vocab)
     val = None
     if d.val_paths:
-        val_files = open_token_files(d.val_paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
+        val_files = open_files(d.val_paths, d)
         check_vocab(val_files, cfg.model.vocab_size)
         train_set = {f.path.resolve() for f in files}
         if any(f.path.resolve() in train_set for f in val_files):
@@ -182,6 +187,7 @@ class Trainer:
         # Data, then how the run starts (new / resume / from a checkpoint)
         self.train_data, self.val_data, files = build_datasets(cfg)
         self.train_files = files
+        self.data_files = source_names(files)  # URLs as given, not their cached copies
         self.doc_eos = document_eos(
             cfg, files + (self.val_data.files if self.val_data is not None else []))
         self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape, resume_from)
@@ -272,7 +278,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "total_steps": self.numbers.total_steps,
             "tokens_per_step": self.numbers.tokens_per_step,
-            "data_files": [str(f.path) for f in self.train_files],
+            "data_files": self.data_files,
             "data_fingerprint": self.data_fingerprint,
         }
 

@@ -134,6 +134,8 @@ class BatchLoader:
     # -- order -------------------------------------------------------------------------------
 
     def permutation(self, epoch: int) -> np.ndarray:
+        if getattr(self.dataset, "ordered", False):  # a mixture: its order is its own
+            return np.arange(len(self.dataset))
         if self._perm_cache is None or self._perm_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             self._perm_cache = (epoch, rng.permutation(len(self.dataset)))
@@ -149,9 +151,11 @@ class BatchLoader:
         indices = self.permutation(epoch)[pos : pos + self.global_batch_size]
         return indices, LoaderState(epoch, (pos + self.global_batch_size) * seq)
 
-    def _local(self, indices: np.ndarray) -> torch.Tensor:
+    def _local(self, indices: np.ndarray, epoch: int) -> torch.Tensor:
         n = self.global_batch_size // self.world_size
-        batch = self.dataset.batch(indices[self.rank * n : (self.rank + 1) * n])
+        mine = indices[self.rank * n : (self.rank + 1) * n]
+        batch = (self.dataset.batch(mine, epoch=epoch) if getattr(self.dataset, "ordered", False)
+                 else self.dataset.batch(mine))
         return batch.pin_memory() if self.pin_memory else batch
 
     # -- iteration ---------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class BatchLoader:
         try:
             while not self._stop.is_set():
                 indices, state = self._advance(state)
-                item = (self._local(indices), state)
+                item = (self._local(indices, state.epoch), state)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -175,7 +179,7 @@ class BatchLoader:
         """This rank's share of the next global batch: LongTensor [local_batch, seq_len + 1]."""
         if self.prefetch <= 0:
             indices, self.state = self._advance(self.state)
-            return self._local(indices)
+            return self._local(indices, self.state.epoch)
         if self._thread is None:
             self._queue = queue.Queue(maxsize=self.prefetch)
             self._stop.clear()
@@ -197,8 +201,11 @@ class BatchLoader:
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {**self.state.as_dict(), "seq_len": self.dataset.seq_len, "seed": self.seed,
-                "num_windows": len(self.dataset)}
+        out = {**self.state.as_dict(), "seq_len": self.dataset.seq_len, "seed": self.seed,
+               "num_windows": len(self.dataset)}
+        if hasattr(self.dataset, "counts"):  # a mixture: its windows per source and epoch
+            out["mixture"] = dict(zip(self.dataset.names, map(int, self.dataset.counts)))
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
@@ -207,6 +214,13 @@ class BatchLoader:
                 f"the checkpoint's data position was counted with seq_len {state['seq_len']}, "
                 f"this run uses {self.dataset.seq_len}; keep data.seq_len when resuming"
             )
+        mine = self.state_dict().get("mixture")
+        if state.get("mixture") != mine:
+            raise KilnError(
+                f"the checkpoint's data position was counted in another data mixture "
+                f"({state.get('mixture') or 'data.paths'} windows per epoch, this run "
+                f"{mine or 'data.paths'}); a run keeps its mixture: to switch to a new one, "
+                "start a new run with init.from and init.load_data_position=false")
         self.state = LoaderState(int(state["epoch"]), int(state["tokens_in_epoch"]))
 
 
