@@ -100,6 +100,12 @@ def test_a_mixture_run_plans_its_budget_and_resumes_exactly(corpora, tmp_path):
     a = load_file(str(split / "checkpoints" / "step8" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "checkpoints" / "step8" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+    # each source's own training loss is logged; the step's loss lies between them
+    for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            low, high = sorted((rec["loss_web"], rec["loss_code"]))
+            assert low - 1e-5 <= rec["loss"] <= high + 1e-5, rec
     trainer = json.loads((split / "checkpoints" / "step8" / "trainer.json").read_text())
     assert set(trainer["data"]["mixture"]) == {"web", "code"}
     # another mixture on resume is refused: its positions count other windows

@@ -44,7 +44,7 @@ def default_chunk_size(vocab: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, z_loss: float,
-                chunk_size: int, grad_enabled: bool) -> tuple[Tensor, Tensor]:
+                chunk_size: int, grad_enabled: bool) -> tuple[Tensor, Tensor, Tensor]:
         dev = hidden.device.type
         dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                  else torch.promote_types(hidden.dtype, weight.dtype))
@@ -53,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # softmax math and sums: fp32 or fp64
         n = hidden.size(0)
         w = weight.to(dtype)
-        ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        ce_tok = torch.empty(n, dtype=acc, device=hidden.device)  # per token, for logging
         z_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -68,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 e = logits.sub_(m).exp_()
                 s = e.sum(dim=-1)
                 lse = m.squeeze(1) + s.log()
-                ce_sum += (lse - target_logit).sum()
+                ce_tok[start:start + chunk_size] = lse - target_logit
                 if z_loss > 0:
                     z_sum += (lse * lse).sum()
                 if not (need_h or need_w):
@@ -83,15 +83,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(grad.t(), h)
                 elif need_w:
                     grad_w += grad.t() @ h
-        ce = ce_sum / n
+        ce = ce_tok.sum() / n
         loss = ce + z_loss * (z_sum / n) if z_loss > 0 else ce.clone()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        ctx.mark_non_differentiable(ce)
-        return loss, ce
+        ctx.mark_non_differentiable(ce, ce_tok)
+        return loss, ce, ce_tok
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_tok: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
@@ -99,8 +99,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
-                         z_loss: float = 0.0, chunk_size: int | None = None
-                         ) -> tuple[Tensor, Tensor]:
+                         z_loss: float = 0.0, chunk_size: int | None = None,
+                         per_token: bool = False) -> tuple[Tensor, ...]:
     """``(loss, ce)`` of ``logits = hidden @ weight.T`` against ``targets``, never holding the
     logits of more than ``chunk_size`` tokens (default :func:`default_chunk_size`).
 
@@ -108,7 +108,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     lm_head weight, tied to the embedding or not), targets [N] (int64 token ids).
     ``ce`` is the mean cross entropy (fp32, no grad: for logging), ``loss`` is
     ``ce + z_loss * mean(logsumexp(logits) ** 2)`` (the same tensor value as ``ce`` when
-    z_loss is 0): exactly the plain path's pair before its loss_norm scaling.
+    z_loss is 0): exactly the plain path's pair before its loss_norm scaling. With
+    ``per_token`` a third tensor [N] holds each token's cross entropy (no grad: for logging
+    per source of a mixture).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)} "
@@ -116,5 +118,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if hidden.size(0) == 0:
         raise ValueError("linear_cross_entropy needs at least one token")
     chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.size(0))
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(z_loss), max(1, chunk),
-                                     torch.is_grad_enabled())
+    loss, ce, tok = _LinearCrossEntropy.apply(hidden, weight, targets, float(z_loss),
+                                              max(1, chunk), torch.is_grad_enabled())
+    return (loss, ce, tok) if per_token else (loss, ce)

@@ -317,14 +317,15 @@ class Transformer(nn.Module):
         return c
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *,
-                targets: Tensor | None = None, z_loss: float = 0.0,
+                targets: Tensor | None = None, z_loss: float = 0.0, per_token: bool = False,
                 doc_ids: Tensor | None = None, positions: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
         positions cache.length ..; their keys/values are appended and cache.length advances.
 
-        With targets [B, T] (training) it returns ``(loss, ce)`` from
-        :func:`kiln.losses.linear_cross_entropy` instead, which never makes the full logits.
+        With targets [B, T] (training) it returns ``(loss, ce)`` (with ``per_token``, also
+        each token's cross entropy) from :func:`kiln.losses.linear_cross_entropy` instead,
+        which never makes the full logits.
         The loss is computed here, inside forward, so that DDP / FSDP2 hooks see it and the
         head's weight is the gathered one.
 
@@ -361,7 +362,8 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
-                                        targets.reshape(-1), z_loss=z_loss)
+                                        targets.reshape(-1), z_loss=z_loss,
+                                        per_token=per_token)
         return self.lm_head(x)
 
 

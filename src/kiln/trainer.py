@@ -186,6 +186,8 @@ class Trainer:
 
         # Data, then how the run starts (new / resume / from a checkpoint)
         self.train_data, self.val_data, files = build_datasets(cfg)
+        from kiln.data.check import check_edges  # first and last MiB of each file: ids
+        check_edges(files, cfg.model.vocab_size)  # refused, doubled separators warned
         self.train_files = files
         self.data_files = source_names(files)  # URLs as given, not their cached copies
         self.doc_eos = document_eos(
@@ -242,6 +244,8 @@ class Trainer:
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._fault = _fault_injection(self.dist.rank)
         self.save_stalls: list[float] = []  # seconds each background save paused training
+        n_sources = len(getattr(self.train_data, "names", []))
+        self._source_sums = torch.zeros(2, n_sources, device=self.device)  # loss sums, windows
         self._copied: threading.Event | None = None  # set when a background save has copied
         self._copy_wait = 0.0
         self.compiled = wants_compile(cfg.parallel, self.device)
@@ -505,19 +509,24 @@ class Trainer:
             return {"doc_ids": doc, "positions": document_positions(doc)}
         return {"doc_ids": doc}
 
-    def micro_loss(self, mb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, cross entropy for logging) of one micro-batch of windows."""
+    def micro_loss(self, mb: torch.Tensor, per_window: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss to backpropagate, cross entropy for logging, and with `per_window` each
+        window's cross entropy) of one micro-batch of windows."""
         inputs, targets = mb[:, :-1], mb[:, 1:]
         z_loss = self.cfg.optim.z_loss
         docs = self.document_kwargs(inputs)  # {} unless data.document_mask
         if self.cfg.trainer.fused_loss:  # inside forward: DDP / FSDP hooks see the head
             with self.autocast:
-                loss, ce = self.model(inputs, targets=targets, z_loss=z_loss, **docs)
+                loss, ce, *tok = self.model(inputs, targets=targets, z_loss=z_loss,
+                                            per_token=per_window, **docs)
         else:
             with self.autocast:
                 logits = self.model(inputs, **docs)
             logits = logits.float().view(-1, logits.size(-1))
             ce = F.cross_entropy(logits, targets.reshape(-1))
+            tok = [F.cross_entropy(logits.detach(), targets.reshape(-1), reduction="none")
+                   ] if per_window else []
             loss = ce
             if z_loss > 0:
                 z = torch.logsumexp(logits, dim=-1)
@@ -525,10 +534,13 @@ class Trainer:
         if self.cfg.optim.loss_norm == "window":  # sum over predictions / window tokens
             seq = targets.size(-1)
             loss = loss * (seq / (seq + 1))
-        return loss, ce
+        return loss, ce, (tok[0].view(mb.size(0), -1).mean(1) if tok else None)
 
-    def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over micro-batches, clip, optimizer step. Returns (loss, grad norm)."""
+    def train_step(self, batch: torch.Tensor, sources: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over micro-batches, clip, optimizer step. Returns (loss, grad norm).
+        `sources` (a mixture's source of each row) adds each window's loss to its source's
+        running sums (see source_losses)."""
         self.model.train()
         lr = self.schedule.lr(self.step + 1)
         for group in self.optimizer.param_groups:
@@ -540,9 +552,13 @@ class Trainer:
         for i in range(n_micro):
             mb = batch[i * micro : (i + 1) * micro]
             with self._grad_sync(i == n_micro - 1):
-                loss, ce = self.micro_loss(mb)
+                loss, ce, per_window = self.micro_loss(mb, per_window=sources is not None)
                 (loss / n_micro).backward()
             loss_sum += ce.detach()
+            if per_window is not None:
+                rows = torch.tensor(sources[i * micro : (i + 1) * micro], device=self.device)
+                self._source_sums[0].index_add_(0, rows, per_window.float())
+                self._source_sums[1].index_add_(0, rows, torch.ones_like(per_window).float())
         if self._copied is not None:  # a background save still copying these weights
             t0 = time.perf_counter()
             self._copied.wait()
@@ -560,15 +576,28 @@ class Trainer:
         self._bad_step = torch.where((self._bad_step == 0) & bad, self.step + 1, self._bad_step)
         return loss, grad_norm
 
-    def _watched_step(self, batch: torch.Tensor, start_step: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def source_losses(self) -> dict[str, float]:
+        """Mean training loss of each mixture source since the last call (all ranks call;
+        empty for plain data)."""
+        if not hasattr(self.train_data, "names"):
+            return {}
+        sums = self._source_sums.clone()
+        if self.dist.enabled:
+            dist.all_reduce(sums)
+        self._source_sums.zero_()
+        totals, counts = sums.tolist()
+        return {f"loss_{name}": t / c for name, t, c in zip(self.train_data.names, totals, counts)
+                if c}
+
+    def _watched_step(self, batch: torch.Tensor, start_step: int,
+                      sources: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """train_step with compiled blocks: note how long the first step took (compiling),
         and warn once if a later one compiles again (a changing shape or guard recompiles
         every time, silently slowing the run)."""
         from torch._dynamo.utils import counters
 
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-        out = self.train_step(batch)
+        out = self.train_step(batch, sources)
         new = counters["stats"]["unique_graphs"] - graphs
         if self.step == start_step:
             self._emit("on_note", f"torch.compile: the first step took "
@@ -733,10 +762,11 @@ class Trainer:
                 if self._fault == self.step + 1:
                     raise RuntimeError(f"injected fault on rank {self.dist.rank} at step "
                                        f"{self.step + 1} (KILN_FAULT_INJECT)")
+                sources = self.loader.last_sources  # a mixture's source of each row
                 if self.compiled:
-                    loss, grad_norm = self._watched_step(batch, start_step)
+                    loss, grad_norm = self._watched_step(batch, start_step, sources)
                 else:
-                    loss, grad_norm = self.train_step(batch)
+                    loss, grad_norm = self.train_step(batch, sources)
                 self.step += 1
                 self.tokens_seen += n.tokens_per_step
 
@@ -755,6 +785,7 @@ class Trainer:
                         "tokens_per_sec": tps,
                         "model_flops_per_sec": tps * self.flops_per_token,
                         "step_time": dt / max(self.step - step_at_log, 1),
+                        **self.source_losses(),
                     }
                     if self.peak_flops:  # per-GPU model FLOPs over the device's dense peak
                         last["mfu"] = tps * self.flops_per_token / (

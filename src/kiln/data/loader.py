@@ -126,6 +126,8 @@ class BatchLoader:
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # for CUDA: the copy to the device can then be async
         self.state = LoaderState()
+        self.last_sources: list[int] | None = None
+        """For a mixture: the source of each row of the batch next_batch returned last."""
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -165,7 +167,7 @@ class BatchLoader:
         try:
             while not self._stop.is_set():
                 indices, state = self._advance(state)
-                item = (self._local(indices, state.epoch), state)
+                item = (self._local(indices, state.epoch), state, self._sources(indices, state))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -179,6 +181,7 @@ class BatchLoader:
         """This rank's share of the next global batch: LongTensor [local_batch, seq_len + 1]."""
         if self.prefetch <= 0:
             indices, self.state = self._advance(self.state)
+            self.last_sources = self._sources(indices, self.state)
             return self._local(indices, self.state.epoch)
         if self._thread is None:
             self._queue = queue.Queue(maxsize=self.prefetch)
@@ -188,8 +191,16 @@ class BatchLoader:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        batch, self.state = item
+        batch, self.state, self.last_sources = item
         return batch
+
+    def _sources(self, indices: np.ndarray, state: LoaderState) -> list[int] | None:
+        """A mixture's source of each row of this rank's batch (None for plain data)."""
+        if not hasattr(self.dataset, "sources_of"):
+            return None
+        n = self.global_batch_size // self.world_size
+        return self.dataset.sources_of(indices[self.rank * n : (self.rank + 1) * n],
+                                       state.epoch)
 
     def close(self) -> None:
         if self._thread is not None:
