@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     # kiln data: one subcommand group; further data subcommands are added to `dsub`
-    p = sub.add_parser("data", help="data tools (fetch)")
+    p = sub.add_parser("data", help="data tools (fetch, check)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("fetch", help="fetch the URLs in a config's data.paths and "
                         "data.val_paths into data.cache_dir (what kiln train would fetch "
@@ -426,6 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data.cache_dir=/local/scratch/kiln")
     q.add_argument("config", help="YAML config file, or a run directory")
     q.set_defaults(func=cmd_data_fetch, overrides=True)
+    # -- kiln data check (kiln.data.check)
+    q = dsub.add_parser("check", help="audit token files: ids within the vocabulary, EOS "
+                        "count, doubled separators, empty documents, document lengths, "
+                        "duplicate windows, repeated runs; exit 1 on a FATAL finding",
+                        description="Audit token files (kiln .bin + sidecar, .npy, raw "
+                        "headerless OLMo files with --dtype). One verdict line per check: ok, "
+                        "WARNING or FATAL; exit status 1 when a check is FATAL.")
+    from kiln.data.check import add_check_arguments, run_check
+
+    add_check_arguments(q)
+    q.set_defaults(func=lambda a, _: run_check(a))
 
     p = sub.add_parser("launch", help="write or submit a multi-node job script (Slurm)")
     from kiln.launch import add_launch_arguments

@@ -593,4 +593,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         f"tokens/s). Wrote {bin_path}, {sidecar_path(bin_path)} and "
         f"{bin_path.parent / meta['tokenizer']} (vocab {meta['vocab_size']:,}, {origin})."
     )
-    return 0
+    from kiln.data.check import prepare_summary  # the cheap checks on what was just written
+
+    lines, code = prepare_summary(bin_path)
+    print("\n".join(lines))
+    return code
