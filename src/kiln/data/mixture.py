@@ -132,13 +132,14 @@ class ConcatWindows:
 def build_mixture(cfg) -> tuple[MixtureDataset, ConcatWindows | None, list]:
     """Training windows of data.sources, validation windows (data.val_paths, or each
     source's held-out tail) and the training files."""
-    from kiln.data.tokens import check_vocab, open_token_files
+    from kiln.data.remote import open_files
+    from kiln.data.tokens import check_vocab
 
     d = cfg.data
     vocab = cfg.model.vocab_size
     parts, tails, files = [], [], []
     for src in d.sources:
-        mine = open_token_files(src.paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
+        mine = open_files(src.paths, d)  # URLs are fetched into data.cache_dir first
         check_vocab(mine, vocab)
         part = WindowDataset(mine, d.seq_len, d.stride, vocab_size=vocab)
         if not d.val_paths and d.val_fraction > 0:
@@ -150,7 +151,7 @@ def build_mixture(cfg) -> tuple[MixtureDataset, ConcatWindows | None, list]:
                            [s.name for s in d.sources], d.seed)
     val = None
     if d.val_paths:
-        val_files = open_token_files(d.val_paths, dtype=d.dtype, eos_token_id=d.eos_token_id)
+        val_files = open_files(d.val_paths, d)
         check_vocab(val_files, vocab)
         val = ConcatWindows([WindowDataset(val_files, d.seq_len, d.seq_len, vocab_size=vocab)])
     elif tails:
