@@ -355,7 +355,8 @@ class CheckpointConfig:
     background thread while training goes on: the step pauses only for the copy. Same atomic
     rename and `latest` as a plain save; one save in flight at most; the final save and a
     preemption save are waited for; a background save that fails stops the run at the next
-    step. Unsharded checkpoints only."""
+    step. Sharded checkpoints use torch.distributed.checkpoint's async_save (their
+    collectives on a gloo group of their own)."""
     on_save_error: Annotated[str, Domain(pattern=r"stop|retry [1-9][0-9]*", fix="write stop, "
                                          "or retry N with N >= 1 (e.g. retry 3)")] = "stop"
     """stop: a save that fails (disk full, I/O error, permissions) stops the run in one line,

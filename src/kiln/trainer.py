@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +46,7 @@ from kiln.parallel import (
     unwrap,
     wants_compile,
 )
-from kiln.safeload import load_pt
+from kiln.safeload import dcp_root_cause, load_pt
 from kiln.schedule import LRSchedule
 from kiln.start import StartPlan, plan_start
 
@@ -226,10 +228,9 @@ class Trainer:
         self.module: Transformer = unwrap(self.model)
         self.sharded_checkpoints = (self.dp in ("fsdp", "hsdp") if cfg.checkpoint.sharded ==
                                     "auto" else bool(cfg.checkpoint.sharded))
-        if cfg.checkpoint.async_ and self.sharded_checkpoints:
-            raise KilnError("checkpoint.async=true writes unsharded checkpoints only, and this "
-                            f"run saves sharded ones (parallel.dp={self.dp}); set "
-                            "checkpoint.async=false, or checkpoint.sharded=false")
+        # background sharded saves run their collectives on a group of their own
+        self._save_group = (dist.new_group(backend="gloo") if cfg.checkpoint.async_ and
+                            self.sharded_checkpoints and self.dist.enabled else None)
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.schedule: LRSchedule = self.plan.schedule
         self.step = self.plan.step
@@ -402,6 +403,9 @@ class Trainer:
         if self.cfg.checkpoint.check_free_space:
             self._check_free_space()
         t0 = time.perf_counter()
+        if self.sharded_checkpoints:
+            self._start_sharded_background_save(t0)
+            return
         msd, osd = ckpt.gather_full_state(self.module, self.optimizer)
         if not self.dist.is_main:
             return
@@ -441,6 +445,46 @@ class Trainer:
         self._bg_thread = threading.Thread(target=write, name=f"kiln-save-step{step}")
         self._bg_thread.start()
 
+    def _start_sharded_background_save(self, t0: float) -> None:
+        """Every rank: torch.distributed.checkpoint's async_save copies this rank's shards to
+        host memory and writes them from a thread, its collectives on a group of their own
+        (so they never interleave with training's); rank 0's thread then adds the small
+        files and renames the folder into place, as a plain sharded save does."""
+        import torch.distributed.checkpoint as dcp
+
+        tmp = ckpt.temp_dir(self.run_dir, self.step, clean=self.dist.is_main)
+        if self.dist.is_main:
+            tmp.mkdir()
+        barrier(self.dist)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save")
+            future = dcp.async_save(ckpt.sharded_state(self.module, self.optimizer),
+                                    checkpoint_id=str(tmp / ckpt.SHARDED),
+                                    process_group=self._save_group,
+                                    no_dist=not self.dist.enabled)
+        parts = self._save_parts() if self.dist.is_main else {}
+        step, stall = self.step, time.perf_counter() - t0
+
+        def write() -> None:
+            t = time.perf_counter()
+            try:
+                future.result()
+                path = (ckpt.save(self.run_dir, step, model=None, tmp=tmp, **parts)
+                        if self.dist.is_main else None)
+                self._bg_result = (path, None, stall, time.perf_counter() - t)
+            except Exception as e:  # noqa: BLE001 - the write's own error, reported in one line
+                if self.dist.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                why = str(e) if isinstance(e, KilnError) else (
+                    f"could not write sharded checkpoint step{step} "
+                    f"({ckpt.save_failure(dcp_root_cause(e), tmp.parent)}); earlier checkpoints "
+                    "are untouched and the partial one was removed")
+                self._bg_result = (None, why, stall, time.perf_counter() - t)
+
+        self._bg_result, self._copy_wait = None, 0.0
+        self._bg_thread = threading.Thread(target=write, name=f"kiln-save-step{step}")
+        self._bg_thread.start()
+
     def _finish_background_save(self, wait: bool, raise_error: bool = True) -> None:
         """Report a background save that has ended (or, with `wait`, wait for it): its path
         to the callbacks with the pause it cost, or its error (the run stops)."""
@@ -456,6 +500,8 @@ class Trainer:
                 raise KilnError(f"background save failed: {error}")
             return
         self.save_stalls.append(stall)
+        if path is None:  # another rank's part of a sharded save
+            return
         self._emit("on_note", f"checkpoint {path.name}: training paused {stall:.3f} s to copy "
                    f"the state; written in the background in {took:.2f} s")
         self._emit("on_checkpoint", path)
