@@ -86,8 +86,9 @@ VARIANTS = {
 def test_imported_model_computes_olmos_logits(variant, tmp_path):
     ref = build_olmo_checkpoint(tmp_path / "olmo", **VARIANTS[variant])
     out = import_olmo(tmp_path / "olmo", tmp_path / "kiln")
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors",
-                                                     "optim.pt", "trainer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json",
+                                                     "model.safetensors", "optim.pt",
+                                                     "trainer.json"]
     assert ckpt.is_complete(out) and ckpt.resolve(out) == out
     ids = torch.randint(0, 500, (3, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -264,9 +265,9 @@ def test_a_resume_on_changed_data_is_refused_and_names_the_ways_on(pydoc_tokens,
     config = write_config(tmp_path / "c.yaml", tokens, run,
                           trainer={"max_duration": 6, "eval_interval": 0, "hard_stop": 3})
     assert kiln_here("train", config).returncode == 0
-    ids = bytearray(tokens.read_bytes())  # the same size, other tokens: re-prepared data
-    ids[:64] = bytes(reversed(ids[:64]))
-    tokens.write_bytes(bytes(ids))
+    ids = np.fromfile(tokens, dtype=np.uint16)  # the same size, other tokens: re-prepared
+    ids[:32] = ids[:32][::-1].copy()
+    ids.tofile(tokens)
     before = snapshot(run)
     out = kiln_here("train", run, "--trainer.hard_stop=null")
     assert_one_line_error(out, "training data changed since step3", f"{tokens} holds other",

@@ -5,7 +5,6 @@ may not set a key twice or a learning rate of zero."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,21 @@ from kiln.data.loader import BatchLoader
 from kiln.trainer import build_datasets
 
 
-def lying_copy(tokens: Path, dst: Path) -> Path:
+def lying_copy(tokens: Path, dst: Path, repeat: int = 1) -> Path:
     """A copy of a kiln token file (and its sidecar) that the test can change under the
-    sidecar's feet."""
+    sidecar's feet; with `repeat`, its documents `repeat` times over (a longer file)."""
     dst.mkdir()
-    shutil.copy(tokens, dst / tokens.name)
-    shutil.copy(tokens.with_suffix(".json"), dst / tokens.with_suffix(".json").name)
+    (dst / tokens.name).write_bytes(tokens.read_bytes() * repeat)
+    meta = json.loads(tokens.with_suffix(".json").read_text())
+    meta.update(tokens=meta["tokens"] * repeat, documents=meta["documents"] * repeat)
+    dst.joinpath(tokens.with_suffix(".json").name).write_text(json.dumps(meta))
     return dst / tokens.name
 
 
 def test_out_of_vocabulary_ids_stop_the_run_at_their_batch(pydoc_tokens, tmp_path):
-    data = lying_copy(pydoc_tokens, tmp_path / "data")
+    # long enough (~2.6 MB) that the start's scan of each file's first and last MiB misses
+    # an id planted in the middle: the per-batch check must catch it
+    data = lying_copy(pydoc_tokens, tmp_path / "data", repeat=6)
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "run",
                           trainer={"max_duration": 10, "eval_interval": 0},
                           checkpoint={"interval": 2})
@@ -36,7 +39,10 @@ def test_out_of_vocabulary_ids_stop_the_run_at_their_batch(pydoc_tokens, tmp_pat
     # the window that step 5 trains on (found with kiln's own loader, before the damage)
     train, _, _ = build_datasets(cfg)
     gbs = cfg.trainer.global_batch_size
-    window = int(BatchLoader(train, gbs, cfg.data.seed, prefetch=0).permutation(0)[4 * gbs])
+    order = BatchLoader(train, gbs, cfg.data.seed, prefetch=0).permutation(0)
+    middle = [int(w) for w in order[4 * gbs:5 * gbs]
+              if 2**19 < w * cfg.data.seq_len < len(order) * cfg.data.seq_len - 2**19]
+    window = middle[0]  # a window of step 5 outside the first and last MiB
     position = window * cfg.data.seq_len + 7
     ids = np.memmap(data, dtype=np.uint16, mode="r+")
     ids[position] = 9999  # vocab is 512; the sidecar still says the largest id is 511
