@@ -11,7 +11,8 @@
 #   peers          bench/peers.py --device cuda --bf16 --shape gpu (kiln vs bare vs HF)
 #   loss           fused vs plain lm_head + cross entropy on CUDA (kiln.losses), and
 #                  bench/fused_loss.py (CPU) for reference
-#   all            everything above, in that order
+#   all            everything above, in that order (over 10 minutes: on a GPU lease that allows
+#                  10 minutes per command, run the parts one command each)
 #
 # Every run writes under OUT: logs/NAME.log (full output), runs/NAME/ (kiln's run dir with
 # metrics.jsonl), NAME.json (summary) and one line per run in OUT/summary.txt.
@@ -29,7 +30,8 @@ COMPILE=${COMPILE:-true}          # parallel.compile (each block)
 PRECISION=${PRECISION:-bf16}
 LOG_INTERVAL=${LOG_INTERVAL:-5}   # kiln log.interval
 SKIP_STEPS=${SKIP_STEPS:-10}      # steps left out of the steady-state numbers (compile, warmup)
-RUN_TIMEOUT=${RUN_TIMEOUT:-450}   # seconds before one run is stopped
+RUN_TIMEOUT=${RUN_TIMEOUT:-420}   # seconds before one run is stopped ...
+PART_BUDGET=${PART_BUDGET:-540}   # ... or before the part's runs together pass this many
 PEERS_ARGS=${PEERS_ARGS:---reps 3 --steps 20 --warmup 5 --warm-cache}
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
@@ -49,6 +51,11 @@ LOSS_ARGS=${LOSS_ARGS:---tokens 32768 --d 2048 --vocab 50304 --steps 5}
 set -uo pipefail
 OUT=${1:-./gpu-bench-out}
 PART=${2:-all}
+PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss all"
+if [[ " $PARTS " != *" $PART "* ]]; then
+    echo "unknown part '$PART'; choose one of: $PARTS" >&2
+    exit 2
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT"/logs "$OUT"/runs "$OUT"/configs
 OUT=$(cd "$OUT" && pwd)
@@ -213,6 +220,13 @@ EOF
 
 # -- the parts ---------------------------------------------------------------------------
 
+PART_START=$SECONDS
+limit() {  # the timeout of the next run: RUN_TIMEOUT, or what is left of PART_BUDGET
+    local left=$(( PART_BUDGET - (SECONDS - PART_START) ))
+    [ "$left" -lt 10 ] && left=10
+    echo $(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
+}
+
 tokens_file() {  # tokens_file VOCAB -> path of a token file with enough windows for STEPS steps
     local vocab=$1 path="$OUT/data/random-$1.bin"
     local n=$(( (STEPS + 2) * GLOBAL_BATCH * SEQ + SEQ + 2 ))
@@ -230,8 +244,8 @@ kiln_bench() {  # kiln_bench NAME single|fsdp PRESET MICRO AC EXTRA
     local cfg="$OUT/configs/$name.yaml" log="$OUT/logs/$name.log"
     cat > "$cfg" <<EOF
 model: {preset: $preset, max_seq_len: $SEQ}
-data: {paths: [$data], seq_len: $SEQ}
-trainer: {run_dir: $OUT/runs/$name, global_batch_size: $GLOBAL_BATCH, micro_batch_size: $micro,
+data: {paths: ['$data'], seq_len: $SEQ}
+trainer: {run_dir: '$OUT/runs/$name', global_batch_size: $GLOBAL_BATCH, micro_batch_size: $micro,
           max_duration: $STEPS, device: $DEVICE, precision: $PRECISION, eval_interval: 0}
 checkpoint: {interval: 0, save_final: false}
 log: {interval: $LOG_INTERVAL, console: true}
@@ -246,7 +260,7 @@ EOF
     fi
     note "$name: ${launch[*]} kiln_run.py (= kiln train) $cfg ${dp[*]} $extra (micro $micro, AC $ac)"
     # shellcheck disable=SC2086  # $extra: several overrides
-    if timeout "$RUN_TIMEOUT" "${launch[@]}" "$OUT/kiln_run.py" "$OUT/$name.json" "$SKIP_STEPS" \
+    if timeout "$(limit)" "${launch[@]}" "$OUT/kiln_run.py" "$OUT/$name.json" "$SKIP_STEPS" \
             train "$cfg" --no-resume "${dp[@]}" $extra > "$log" 2>&1; then
         grep '^RESULT' "$log" | tee -a "$OUT/summary.txt"
     else
@@ -268,7 +282,7 @@ part_peers() {
     [ "$DEVICE" = cpu ] && bf16=()
     note "peers: bench/peers.py --device $DEVICE ${bf16[*]} --shape gpu $PEERS_ARGS"
     # shellcheck disable=SC2086
-    if timeout "$RUN_TIMEOUT" "$PYTHON" bench/peers.py --device "$DEVICE" "${bf16[@]}" --shape gpu \
+    if timeout "$(limit)" "$PYTHON" bench/peers.py --device "$DEVICE" "${bf16[@]}" --shape gpu \
             $PEERS_ARGS --child-timeout 300 --json "$OUT/peers.json" > "$log" 2>&1; then
         sed -n '/^medians/,$p' "$log" | tee -a "$OUT/summary.txt"
     else
@@ -280,14 +294,14 @@ part_loss() {
     local log="$OUT/logs/loss.log"
     note "loss: fused vs plain on $DEVICE ($LOSS_ARGS), then bench/fused_loss.py (CPU)"
     # shellcheck disable=SC2086
-    if timeout "$RUN_TIMEOUT" "$PYTHON" "$OUT/loss_cuda.py" --device "$DEVICE" $LOSS_ARGS \
+    if timeout "$(limit)" "$PYTHON" "$OUT/loss_cuda.py" --device "$DEVICE" $LOSS_ARGS \
             > "$log" 2>&1; then
         grep -v '^JSON' "$log" | tee -a "$OUT/summary.txt"
         grep '^JSON' "$log" | cut -c6- > "$OUT/loss.json"
     else
         note "loss: FAILED (see $log)"; tail -n 20 "$log"; FAILED=1
     fi
-    if timeout "$RUN_TIMEOUT" "$PYTHON" bench/fused_loss.py > "$OUT/logs/fused_loss_cpu.log" 2>&1
+    if timeout "$(limit)" "$PYTHON" bench/fused_loss.py > "$OUT/logs/fused_loss_cpu.log" 2>&1
     then
         sed 's/^/cpu fused_loss.py: /' "$OUT/logs/fused_loss_cpu.log" | tee -a "$OUT/summary.txt"
     else
@@ -296,19 +310,13 @@ part_loss() {
 }
 
 note "part $PART; $("$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>&1)"
+part_olmo1b() { part_olmo1b_single; part_olmo1b_fsdp; }
+part_small() { part_small_single; part_small_fsdp; }
+run_part() { PART_START=$SECONDS; "part_${1//-/_}"; }  # each part has its own PART_BUDGET
+
 case "$PART" in
-    olmo1b) part_olmo1b_single; part_olmo1b_fsdp ;;
-    olmo1b-single) part_olmo1b_single ;;
-    olmo1b-fsdp) part_olmo1b_fsdp ;;
-    small) part_small_single; part_small_fsdp ;;
-    small-single) part_small_single ;;
-    small-fsdp) part_small_fsdp ;;
-    peers) part_peers ;;
-    loss) part_loss ;;
-    all) part_olmo1b_single; part_olmo1b_fsdp; part_small_single; part_small_fsdp; part_peers
-         part_loss ;;
-    *) echo "unknown part '$PART': olmo1b olmo1b-single olmo1b-fsdp small small-single" \
-            "small-fsdp peers loss all" >&2; exit 2 ;;
+    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss) run_part "$PART" ;;
+    all) for p in olmo1b small peers loss; do run_part "$p"; done ;;
 esac
 note "done (part $PART): results in $OUT/summary.txt"
 exit "$FAILED"

@@ -25,7 +25,8 @@ and <= 0.8x the peak memory of the best peer.
 
     python bench/peers.py [--steps 12] [--warmup 3] [--reps 3] [--device cpu|cuda] [--bf16]
                           [--shape cpu|gpu] [--variants kiln,bare-eager] [--json OUT]
-    python bench/peers.py --profile --variants kiln,bare-eager   # top ops of steady steps
+    python bench/peers.py --breakdown --reps 1    # ms per part: forward, backward, clip, ...
+    python bench/peers.py --profile --variants kiln,bare-eager   # top ops of the timed steps
 
 transformers is optional; without it the hf row is skipped.
 """
@@ -33,6 +34,7 @@ transformers is optional; without it the hf row is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -168,6 +170,53 @@ class Profile:
                   file=sys.stderr)
 
 
+class Segments:
+    """--breakdown: wall time per part of the step (forward, backward, clip, optimizer, ...)
+    over the timed steps, the device synchronised at every edge (which itself costs a little
+    on CUDA). Parts may nest; the table reports each part's own total."""
+
+    def __init__(self, enabled: bool, device):
+        self.enabled, self.device = enabled, device
+        self.on = False
+        self.totals: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, label: str):
+        if not (self.enabled and self.on):
+            return contextlib.nullcontext()
+        return self._timed(label)
+
+    @contextlib.contextmanager
+    def _timed(self, label: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t0
+
+    def wrap(self, obj, attr: str, label: str) -> None:
+        """Time every call of obj.attr under `label` (an instance attribute shadows it)."""
+        if not self.enabled:
+            return
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            with self(label):
+                return fn(*a, **kw)
+
+        setattr(obj, attr, timed)
+
+    def result(self, steps: int) -> dict[str, float]:
+        return {k: v / steps * 1e3 for k, v in self.totals.items()}  # ms per step
+
+
 def bare_model(shape: Shape):
     import torch
     import torch.nn.functional as F
@@ -231,8 +280,8 @@ def hf_model(shape: Shape):
     return LlamaForCausalLM(cfg)
 
 
-def run_loop(name: str, shape: Shape, args, device, windows, clock: Clock, prof: Profile
-             ) -> float:
+def run_loop(name: str, shape: Shape, args, device, windows, clock: Clock, prof: Profile,
+             seg: Segments) -> float:
     """bare-eager, bare-compile, hf: forward, loss, backward, clip, AdamW, zero_grad."""
     import torch
     import torch.nn.functional as F
@@ -251,26 +300,32 @@ def run_loop(name: str, shape: Shape, args, device, windows, clock: Clock, prof:
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             prof.start()
+            seg.on = True
         lo = (i * B) % (windows.size(0) - B + 1)
         batch = windows[lo:lo + B]
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with torch.profiler.record_function("## step"):
-            with amp:
-                if name == "hf":  # its own loss; shift_labels: the same targets as the others
-                    loss = fwd(input_ids=inputs, labels=targets,
-                               shift_labels=targets.contiguous()).loss
-                else:
-                    logits = fwd(inputs)
-            if name != "hf":
-                loss = F.cross_entropy(logits.float().view(-1, shape.vocab),
-                                       targets.reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("## step"), seg("step (all)"):
+            with seg("forward+loss"):
+                with amp:
+                    if name == "hf":  # its own loss; shift_labels: the others' targets
+                        loss = fwd(input_ids=inputs, labels=targets,
+                                   shift_labels=targets.contiguous()).loss
+                    else:
+                        logits = fwd(inputs)
+                if name != "hf":
+                    loss = F.cross_entropy(logits.float().view(-1, shape.vocab),
+                                           targets.reshape(-1))
+            with seg("backward"):
+                loss.backward()
+            with seg("clip_grad_norm"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            with seg("optimizer.step"):
+                opt.step()
+            with seg("zero_grad"):
+                opt.zero_grad(set_to_none=True)
         clock.step_done()
     prof.stop(name, device.type == "cuda")
-    return float(loss)
+    return float(loss.detach())
 
 
 def write_token_file(path: Path, stream) -> None:
@@ -304,7 +359,8 @@ def kiln_config(name: str, shape: Shape, args, data: Path, run_dir: Path):
     })
 
 
-def run_kiln(name: str, cfg, args, device, clock: Clock, prof: Profile) -> float:
+def run_kiln(name: str, cfg, args, device, clock: Clock, prof: Profile, seg: Segments
+             ) -> float:
     """kiln's Trainer.fit(), timed at train_step's returns (the loader, the logging and the
     finite checks between steps fall inside the timed window)."""
     import torch
@@ -321,21 +377,32 @@ def run_kiln(name: str, cfg, args, device, clock: Clock, prof: Profile) -> float
     next_batch = trainer.loader.next_batch
     losses: list = []
 
-    def timed_step(batch):
-        if clock.done == args.warmup:
-            prof.start()
-        with torch.profiler.record_function("## train_step"):
-            out = step(batch)
+    def timed_step(*a, **kw):  # whatever train_step takes (batch, sources, ...)
+        with torch.profiler.record_function("## train_step"), seg("train_step (all)"):
+            out = step(*a, **kw)
         clock.step_done()
+        if clock.done == args.warmup:  # from here on: the loop between steps too
+            prof.start()
+            seg.on = True
         losses.append(out[0])
         return out
 
-    def timed_next_batch():
+    def timed_next_batch(*a, **kw):
         with torch.profiler.record_function("## loader.next_batch"):
-            return next_batch()
+            return next_batch(*a, **kw)
 
     trainer.train_step = timed_step
     trainer.loader.next_batch = timed_next_batch
+    if seg.enabled:  # the parts of the step, and what the loop does between steps
+        seg.wrap(trainer, "micro_loss", "forward+loss")
+        seg.wrap(torch.Tensor, "backward", "backward")
+        seg.wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm")
+        seg.wrap(trainer.optimizer, "step", "optimizer.step")
+        seg.wrap(trainer.optimizer, "zero_grad", "zero_grad")
+        seg.wrap(trainer.loader, "next_batch", "loader.next_batch")
+        seg.wrap(trainer, "_check_finite", "loop: _check_finite")
+        for cb in trainer.callbacks:
+            seg.wrap(cb, "on_log", f"loop: {type(cb).__name__}.on_log")
     trainer.fit()
     prof.stop(name, device.type == "cuda")
     if trainer.step != args.warmup + args.steps:
@@ -354,6 +421,7 @@ def child(name: str, args) -> None:
     stream = token_windows(shape, n_windows)
     clock = Clock(device, args.warmup, args.steps)
     prof = Profile(args.profile, device)
+    seg = Segments(args.breakdown, device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if name in KILNS:
@@ -373,14 +441,16 @@ def child(name: str, args) -> None:
         mem0 = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         rss0 = rss_now_mib()
         if name in KILNS:
-            loss = run_kiln(name, cfg, args, device, clock, prof)
+            loss = run_kiln(name, cfg, args, device, clock, prof, seg)
         else:
-            loss = run_loop(name, shape, args, device, windows, clock, prof)
+            loss = run_loop(name, shape, args, device, windows, clock, prof, seg)
     r = clock.result()
     tokens = shape.batch * shape.seq
     out = {"name": name, "tokens_per_sec": tokens / r["step_s"], **r, "loss": loss,
            "rss_before_mib": rss0, "peak_rss_mib": rss_peak_mib(),
            "rss_growth_mib": rss_peak_mib() - rss0, "loadavg_end": loadavg()}
+    if seg.enabled:
+        out["breakdown_ms"] = seg.result(args.steps)
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["growth_mib"] = out["peak_mib"] - mem0
@@ -401,6 +471,7 @@ def run_child(name: str, args, shape: Shape) -> dict:
            f"--kiln-log-interval={args.kiln_log_interval}"]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--profile"] if args.profile else []
+    cmd += ["--breakdown"] if args.breakdown else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(SRC)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     with tempfile.TemporaryDirectory(prefix="peers-inductor-") as cache:
@@ -486,6 +557,32 @@ def print_table(summary: dict, results: dict, args, shape: Shape, cuda: bool) ->
               f"growth {v['growth_ratio']:.2f}x ({v['leanest_growth_peer']})")
 
 
+def print_breakdown(results: dict[str, list[dict]]) -> None:
+    """Median ms per step of each timed part, per variant (--breakdown)."""
+    print("\nms per timed step, median over reps (parts nest: '(all)' holds the parts listed "
+          "under it)")
+    for name, rows in results.items():
+        ok = [r for r in rows if "breakdown_ms" in r]
+        if not ok:
+            continue
+        step_ms = median(ok, "step_s") * 1e3
+        parts = {k: statistics.median(r["breakdown_ms"].get(k, 0.0) for r in ok)
+                 for k in ok[0]["breakdown_ms"]}
+        print(f"{name}: {step_ms:,.0f} ms/step wall")
+        inner = [k for k in parts if "(all)" not in k and not k.startswith("loop")
+                 and k != "loader.next_batch"]
+        for k, v in parts.items():
+            print(f"  {k:<34} {v:>9,.1f} ms  {v / step_ms:>6.1%}")
+        total = next((v for k, v in parts.items() if "(all)" in k), None)
+        if total is not None:
+            rest = total - sum(parts[k] for k in inner)
+            print(f"  {'step: rest (python, .to, lr, checks)':<34} {rest:>9,.1f} ms  "
+                  f"{rest / step_ms:>6.1%}")
+            outer = step_ms - total - sum(v for k, v in parts.items()
+                                         if k.startswith("loop") or k == "loader.next_batch")
+            print(f"  {'between steps: rest':<34} {outer:>9,.1f} ms  {outer / step_ms:>6.1%}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -509,6 +606,9 @@ def main() -> None:
     p.add_argument("--child-timeout", type=float, default=1500)
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over the timed steps of each variant; prints top ops")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time the parts of each step (forward, backward, clip, optimizer, "
+                        "loader, checks) and print them; synchronises at every part on CUDA")
     p.add_argument("--json", metavar="OUT", help="write the raw results and medians here")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--shape-json", help=argparse.SUPPRESS)
@@ -551,6 +651,8 @@ def main() -> None:
                       f"->{r['loadavg_end']:.2f}", flush=True)
     summary = summarize(results)
     print_table(summary, results, args, shape, args.device == "cuda")
+    if args.breakdown:
+        print_breakdown(results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
