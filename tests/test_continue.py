@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, kiln, kiln_here, snapshot
+from test_cli import assert_one_line_error, kiln_here, snapshot
 from test_train import final_weights, losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
@@ -227,7 +227,7 @@ def test_extend_via_cli_and_resume_needs_the_flag_to_change_duration(pydoc_token
 
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, tmp_path / "run",
                           schedule={"name": "constant"})
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     run_dir = tmp_path / "run"
     before = snapshot(run_dir / "checkpoints")
     out = kiln_here("train", config, "--trainer.max_duration=12")
@@ -235,7 +235,7 @@ def test_extend_via_cli_and_resume_needs_the_flag_to_change_duration(pydoc_token
     assert snapshot(run_dir / "checkpoints") == before
     assert_one_line_error(kiln_here("train", run_dir, "--extend-to=3"),
                           "not after the current step")
-    out = kiln("train", run_dir, "--extend-to=12", "--trainer.hard_stop=8")
+    out = kiln_here("train", run_dir, "--extend-to=12", "--trainer.hard_stop=8")
     assert out.returncode == 0, out.stderr
     assert "extended from step 6 to 12" in out.stdout
     sched = kiln_here("schedule", run_dir, "--out", tmp_path / "lr.png")
@@ -279,7 +279,7 @@ def test_refusals_are_one_line_and_change_no_checkpoint(two_corpora, tmp_path):
 
     c1, c2 = two_corpora
     a_cfg = write_config(tmp_path / "a.yaml", c1, tmp_path / "A")
-    assert kiln("train", a_cfg).returncode == 0
+    assert kiln_here("train", a_cfg).returncode == 0
     before = snapshot(tmp_path / "A")
     b_cfg = write_config(tmp_path / "b.yaml", c2, tmp_path / "B",
                          trainer={"max_duration": 20})
@@ -313,7 +313,7 @@ def test_dry_run_of_a_resume_says_a_changed_schedule_is_not_applied(pydoc_tokens
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 12, "hard_stop": 3})
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     out = kiln_here("train", run, "--schedule.warmup=5", "--optim.lr=1e-3", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert ("schedule: changed since the checkpoint (schedule.warmup), but a resume keeps the "

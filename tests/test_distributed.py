@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_cli import kiln_here
 from test_train import losses, tiny_cfg
 
 from kiln import checkpoint as ckpt
@@ -120,8 +121,7 @@ def test_unshard_round_trip_is_exact(pydoc_tokens, tmp_path):
                    tmp_path / "c.yaml")
     assert torchrun(config).returncode == 0
     sharded = ckpt.latest_checkpoint(run)
-    out = subprocess.run([sys.executable, "-m", "kiln", "checkpoint", "unshard", str(sharded),
-                          str(tmp_path / "flat")], capture_output=True, text=True)
+    out = kiln_here("checkpoint", "unshard", sharded, tmp_path / "flat")
     assert out.returncode == 0, out.stderr
     flat = load_file(str(tmp_path / "flat" / "model.safetensors"))
     # the sharded weights, read back through torch.distributed.checkpoint
@@ -139,13 +139,11 @@ def test_unshard_round_trip_is_exact(pydoc_tokens, tmp_path):
     c = ckpt.load(tmp_path / "moved")
     assert c.step == 10 and c.optim is not None
     # generate and inspect read the sharded checkpoint directly, and agree with the copy
-    gen = [subprocess.run([sys.executable, "-m", "kiln", "generate", str(where), "--prompt",
-                           "The", "--greedy", "--max-new-tokens", "8"],
-                          capture_output=True, text=True) for where in (run, tmp_path / "moved")]
+    gen = [kiln_here("generate", where, "--prompt", "The", "--greedy", "--max-new-tokens", "8")
+           for where in (run, tmp_path / "moved")]
     assert gen[0].returncode == 0, gen[0].stderr
     assert gen[0].stdout == gen[1].stdout
-    info = subprocess.run([sys.executable, "-m", "kiln", "inspect", str(run)],
-                          capture_output=True, text=True)
+    info = kiln_here("inspect", run)
     assert info.returncode == 0 and "sharded" in info.stdout
 
 

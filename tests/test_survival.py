@@ -38,9 +38,9 @@ def test_nan_never_checkpointed_last_good_kept_and_the_named_resume_route_works(
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 20, "eval_interval": 0, "hard_stop": 6},
                           checkpoint={"interval": 2, "keep_last": 2}, log={"interval": 10})
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     # the LR is raised far too high: the loss blows up within a few steps
-    out = kiln("train", run, "--optim.lr=1e6", "--trainer.hard_stop=null")
+    out = kiln_here("train", run, "--optim.lr=1e6", "--trainer.hard_stop=null")
     assert_one_line_error(out, "non-finite", "step6", "--optim.lr=")
     for folder in (run / "checkpoints").glob("step*"):
         assert all_finite(folder), f"{folder} holds non-finite weights"
@@ -50,7 +50,7 @@ def test_nan_never_checkpointed_last_good_kept_and_the_named_resume_route_works(
     assert Path(route.group(1)) == run
     lower = float(route.group(2))
     assert lower <= 3e-4
-    out = kiln("train", route.group(1), f"--optim.lr={route.group(2)}")
+    out = kiln_here("train", route.group(1), f"--optim.lr={route.group(2)}")
     assert out.returncode == 0, out.stderr
     final = ckpt.latest_checkpoint(run)
     assert final.name == "step20" and all_finite(final)
@@ -64,7 +64,7 @@ def test_nan_from_the_first_steps_writes_no_checkpoint(pydoc_tokens, tmp_path):
                           trainer={"max_duration": 20, "eval_interval": 0},
                           checkpoint={"interval": 2, "keep_last": 2}, log={"interval": 10},
                           optim={"lr": 1e6})
-    out = kiln("train", config)
+    out = kiln_here("train", config)
     assert_one_line_error(out, "non-finite")
     for folder in (run / "checkpoints").glob("step*"):
         assert all_finite(folder), f"{folder} holds non-finite weights"
@@ -74,10 +74,10 @@ def test_torn_last_metrics_line_is_dropped_on_resume(pydoc_tokens, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 6, "hard_stop": 3})
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "tokens": 1024, "lo')  # the disk filled mid-record
-    out = kiln("train", run, "--trainer.hard_stop=null")
+    out = kiln_here("train", run, "--trainer.hard_stop=null")
     assert out.returncode == 0, out.stderr
     assert "dropped 1 unreadable line" in out.stderr
     assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -86,10 +86,10 @@ def test_torn_last_metrics_line_is_dropped_on_resume(pydoc_tokens, tmp_path):
 def test_deleted_checkpoints_start_over_but_keep_the_metrics_history(pydoc_tokens, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run)
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     old = (run / "metrics.jsonl").read_text()
     shutil.rmtree(run / "checkpoints")
-    out = kiln("train", config)
+    out = kiln_here("train", config)
     assert out.returncode == 0, out.stderr
     assert "no checkpoint to resume from" in out.stderr
     assert (run / "metrics.prev-1.jsonl").read_text() == old
@@ -104,7 +104,7 @@ def trained_six(pydoc_tokens, tmp_path_factory) -> Path:
     run = root / "run"
     config = write_config(root / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 12, "hard_stop": 6})
-    assert kiln("train", config).returncode == 0
+    assert kiln_here("train", config).returncode == 0
     return run
 
 
@@ -163,7 +163,7 @@ def test_a_kill_during_retention_leaves_nothing_behind(six_steps):
     half = run / "checkpoints" / ".del-step0"
     half.mkdir()
     (half / "trainer.json").write_text("{}")
-    out = kiln("train", run, "--trainer.hard_stop=null", "--checkpoint.keep_last=1")
+    out = kiln_here("train", run, "--trainer.hard_stop=null", "--checkpoint.keep_last=1")
     assert out.returncode == 0, out.stderr
     assert steps_on_disk(run) == ["step12"]
 
