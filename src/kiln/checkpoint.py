@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln import __version__
 from kiln.errors import KilnError, warn
+from kiln.files import fsync_dir, fsync_file, write_atomic
 from kiln.safeload import (
     dcp_load,
     dcp_load_full,
@@ -197,11 +198,8 @@ def _put_aside(p: Path) -> Path:
 
 
 def _point_latest(root: Path, name: str) -> None:
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    _fsync_file(pointer_tmp)
-    os.replace(pointer_tmp, root / "latest")
-    _fsync_dir(root)
+    write_atomic(root / "latest", name + "\n")  # through .latest.tmp
+    fsync_dir(root)
 
 
 def resolve(path: str | Path) -> Path:
@@ -219,19 +217,6 @@ def resolve(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # Saving
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -346,8 +331,8 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         write_manifest(tmp, step)
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
+                fsync_file(f)
+        fsync_dir(tmp)
         old = None
         if final.exists() and not is_complete(final):  # damaged by hand: keep it aside
             aside = _put_aside(final)
@@ -357,7 +342,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
             old = root / f".old-step{step}-0"
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _point_latest(root, final.name)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -828,7 +813,7 @@ def staged_folder(out: str | Path):
         yield staging
         for f in staging.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
+                fsync_file(f)
         if out.exists():
             raise KilnError(f"{out} appeared while it was being written; choose a new output "
                             "folder")

@@ -34,6 +34,7 @@ from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
 from kiln.data.remote import open_files, source_names
 from kiln.data.tokens import TokenFile, check_vocab, fingerprint
 from kiln.errors import KilnError, one_line, warn
+from kiln.files import write_atomic
 from kiln.model import Transformer, document_ids, document_positions, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
 from kiln.parallel import (
@@ -259,9 +260,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomically: a kill mid-write must not leave a torn config.yaml that
             # `kiln train RUN_DIR` would then read
-            tmp = self.run_dir / ".config.yaml.tmp"
-            tmp.write_text(self.saved_config_yaml())
-            os.replace(tmp, self.run_dir / "config.yaml")
+            write_atomic(self.run_dir / "config.yaml", self.saved_config_yaml())
             self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
                                                       truncate_after=self.step))
             if cfg.log.console:
@@ -327,8 +326,7 @@ class Trainer:
         Refuses (KilnError) to save non-finite weights. A failed save stops the run (every
         rank) or, with checkpoint.on_save_error=retry N, is tried again up to N times."""
         self._check_finite(weights=True)
-        policy = self.cfg.checkpoint.on_save_error
-        retries = int(policy.split()[1]) if policy.startswith("retry") else 0
+        retries = self._save_retries()
         for attempt in range(retries + 1):
             if self.cfg.checkpoint.check_free_space:
                 self._check_free_space()
@@ -336,12 +334,19 @@ class Trainer:
             if error is None:
                 return ckpt.checkpoints_dir(self.run_dir) / f"step{self.step}"
             if attempt < retries:
-                wait = min(60, 2 ** (attempt + 1))
-                if self.dist.is_main:
-                    warn(f"{error}; trying again in {wait} s (attempt {attempt + 2} of "
-                         f"{retries + 1}, checkpoint.on_save_error={policy})")
-                time.sleep(wait)
+                self._wait_to_retry(error, attempt, retries)
         raise KilnError(error)
+
+    def _save_retries(self) -> int:
+        """How many times checkpoint.on_save_error lets a failed save be tried again."""
+        policy = self.cfg.checkpoint.on_save_error
+        return int(policy.split()[1]) if policy.startswith("retry") else 0
+
+    def _wait_to_retry(self, error: str, attempt: int, retries: int) -> None:
+        wait = min(60, 2 ** (attempt + 1))
+        warn(f"{error}; trying again in {wait} s (attempt {attempt + 2} of {retries + 1}, "
+             f"checkpoint.on_save_error={self.cfg.checkpoint.on_save_error})")
+        time.sleep(wait)
 
     def _save_parts(self) -> dict:
         """What ckpt.save writes besides the tensors of the model and optimizer."""
@@ -411,8 +416,7 @@ class Trainer:
             return
         parts = self._save_parts()
         step, stall = self.step, time.perf_counter() - t0
-        policy = self.cfg.checkpoint.on_save_error
-        retries = int(policy.split()[1]) if policy.startswith("retry") else 0
+        retries = self._save_retries()
         # On CPU the gathered tensors are the live ones: the thread copies them first, while
         # the next forward and backward run (they change no weight and no Adam moment); the
         # next optimizer step waits for the copy (see train_step).
@@ -436,10 +440,7 @@ class Trainer:
                     if attempt == retries:
                         self._bg_result = (None, str(e), stall, time.perf_counter() - t)
                         return
-                    wait = min(60, 2 ** (attempt + 1))
-                    warn(f"{e}; trying again in {wait} s (attempt {attempt + 2} of "
-                         f"{retries + 1}, checkpoint.on_save_error={policy})")
-                    time.sleep(wait)
+                    self._wait_to_retry(str(e), attempt, retries)
 
         self._bg_result = None
         self._bg_thread = threading.Thread(target=write, name=f"kiln-save-step{step}")

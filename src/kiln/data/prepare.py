@@ -42,6 +42,7 @@ from kiln.data.tokens import (
     sidecar_path,
 )
 from kiln.errors import KilnError
+from kiln.files import fsync_dir, write_synced
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 """End-of-text tokens looked up in a tokenizer's vocabulary, first match wins."""
@@ -351,21 +352,6 @@ def find_eos(tokenizer: Any) -> tuple[str, int] | None:
 _STAGING = ".prepare-"
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -411,7 +397,7 @@ def _swap_in(stage: Path, bin_path: Path, tok_path: Path) -> None:
     os.replace(stage / bin_path.name, bin_path)
     _crash_point("data")
     os.replace(stage / sidecar.name, sidecar)
-    _fsync_dir(bin_path.parent)
+    fsync_dir(bin_path.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,10 +511,10 @@ def prepare(
                     raise KilnError(f"no documents found in {', '.join(map(str, inputs))}; "
                                     "every input was empty or blank")
             if not (tok_path.is_file() and tok_path.read_bytes() == tok_bytes):
-                _write_synced(stage / _TOKENIZER_FILE, tok_bytes)
-            _write_synced(stage / INCOMPLETE, (json.dumps(
+                write_synced(stage / _TOKENIZER_FILE, tok_bytes)
+            write_synced(stage / INCOMPLETE, (json.dumps(
                 {"format": FORMAT, INCOMPLETE: True}) + "\n").encode("utf-8"))
-            _fsync_dir(stage)
+            fsync_dir(stage)
             _crash_point("staged")
             if not overwrite:
                 _refuse_existing(bin_path, tok_path, tok_bytes)  # it may have appeared since

@@ -78,6 +78,7 @@ from kiln.data.tokens import (
     sidecar_path,
 )
 from kiln.errors import KilnError, one_line
+from kiln.files import write_atomic
 
 CHUNK_BYTES = 16 << 20
 """Size of one ranged request (and of one resumable step of a streamed fetch)."""
@@ -320,12 +321,7 @@ def _read_record(folder: Path) -> dict | None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def _verified(folder: Path, url: str) -> tuple[Path | None, str | None]:
@@ -485,9 +481,9 @@ def fetch(url: str, cache_dir: str | Path | None = None, *, limit_gb: float | No
             raise KilnError(_mismatch(url, got, meta))
         # publish: the files under their names, the record last
         if side is not None:
-            _write_bytes(folder / sidecar_path(name).name, side)
+            write_atomic(folder / sidecar_path(name).name, side)
         if tok is not None:
-            _write_bytes(folder / tok_name, tok)
+            write_atomic(folder / tok_name, tok)
         final = folder / name
         os.replace(part, final)
         part.with_name(part.name + ".json").unlink(missing_ok=True)
@@ -499,15 +495,6 @@ def fetch(url: str, cache_dir: str | Path | None = None, *, limit_gb: float | No
             log(f"fetched {url}: {got / 1e6:,.1f} MB in {secs:.1f} s "
                 f"({downloaded / 1e6 / max(secs, 1e-9):,.1f} MB/s)")
         return Fetched(url, final, got, downloaded, secs, False)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _drop_partial(part: Path) -> None:
