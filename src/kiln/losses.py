@@ -57,11 +57,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_sum = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # equal chunks (2048 tokens by 667 would leave a slow 47-token tail), and one logits
+        # buffer reused by every chunk instead of a fresh [chunk, V] allocation each time
+        chunk_size = -(-n // -(-n // chunk_size))
+        buf = torch.empty(min(n, chunk_size), w.size(0), dtype=acc, device=hidden.device)
         with torch.autocast(dev, enabled=False):
             for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 t = targets[start:start + chunk_size]
-                logits = (h @ w.t()).to(acc)
+                logits = buf[:h.size(0)]
+                if dtype == acc:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(h @ w.t())
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 # logsumexp by hand, so the same chunk turns into the softmax in place
                 m = logits.amax(dim=-1, keepdim=True)
