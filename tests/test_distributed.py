@@ -6,6 +6,7 @@ between world sizes in both directions; unsharding is exact; a failing rank fail
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,9 +70,20 @@ def reference(pydoc_tokens, tmp_path_factory) -> Path:
 def test_two_ranks_match_one_process(pydoc_tokens, reference, tmp_path, dp):
     config = write(cfg_for(pydoc_tokens, tmp_path / "run", parallel__dp=dp), tmp_path / "c.yaml")
     # hsdp on 2 ranks: 2 replicas of 1 shard each (a 2-D replicate x shard mesh)
+    # fsdp also scores a downstream task at the end, every rank its share of the batches
     out = torchrun(config, *(["--parallel.shard_size=1"] if dp == "hsdp" else []),
-                   *(["--checkpoint.async=true"] if dp == "ddp" else []))  # rank 0 writes
+                   *(["--checkpoint.async=true"] if dp == "ddp" else []),  # rank 0 writes
+                   *(["--eval.tasks=[copa]", "--eval.limit=24"] if dp == "fsdp" else []))
     assert out.returncode == 0, out.stderr[-3000:]
+    if dp == "fsdp":  # the same numbers as one process scoring the final checkpoint
+        in_loop = json.loads((tmp_path / "run" / "eval" / "step20.json").read_text())
+        assert kiln_here("eval", tmp_path / "run", "--tasks", "copa", "--limit", "24"
+                         ).returncode == 0
+        alone = json.loads((tmp_path / "run" / "eval" / "step20.json").read_text())
+        assert in_loop["in_loop"] and in_loop["tasks"]["copa"]["instances"] == 24
+        for m, v in alone["tasks"]["copa"]["metrics"].items():
+            assert in_loop["tasks"]["copa"]["metrics"][m]["value"] == pytest.approx(
+                v["value"], rel=1e-6, abs=0), m
     assert_close(losses(tmp_path / "run"), losses(reference))
     # rank hygiene: one console, one metrics file with one line per step
     assert out.stdout.count("step     20/20") == 1

@@ -162,6 +162,13 @@ class ConsoleCallback(Callback):
         self.console.print(text, markup=False)
 
     def on_eval(self, trainer, m: dict) -> None:
+        if "val_loss" not in m:  # downstream tasks: each task's primary metric
+            tasks = getattr(trainer, "eval_tasks", [])
+            parts = [f"{t.name} {t.primary_metric} {m[key]:.4f}" for t in tasks
+                     if (key := f"{t.name}/{t.primary_metric}") in m]
+            self.console.print(f"[cyan]tasks  step {m['step']:>6} | "
+                               + " | ".join(parts) + "[/cyan]")
+            return
         self._last_eval = m
         self.console.print(
             f"[cyan]eval   step {m['step']:>6} | val_loss {m['val_loss']:.4f} | "

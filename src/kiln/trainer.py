@@ -202,6 +202,7 @@ class Trainer:
             stop = min(stop, t.hard_stop.to_steps(n.tokens_per_step))
         self.numbers: RunNumbers = replace(n, total_steps=self.plan.total_steps, stop_step=stop)
         self.tokenizer_path = find_tokenizer(cfg, files)
+        self.eval_tasks, self.eval_tokenizer = self._load_eval_tasks()
         self.data_fingerprint = [fingerprint(f.path) for f in files]
         entropies = [f.meta.get("unigram_entropy") for f in files]
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
@@ -730,6 +731,60 @@ class Trainer:
         loss = (sums[0] / sums[1]).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
+    def _load_eval_tasks(self) -> tuple[list, object]:
+        """The tasks of eval.tasks and the tokenizer to score them with, refused before any
+        training step when a name or file is wrong or the run has no tokenizer."""
+        e = self.cfg.eval
+        if not e.tasks:
+            return [], None
+        from tokenizers import Tokenizer
+
+        from kiln.evals.tasks import load_task
+
+        if self.tokenizer_path is None:
+            raise KilnError("eval.tasks needs the run's tokenizer, and the data has none "
+                            "beside it; set data.tokenizer to its tokenizer.json")
+        try:
+            tasks = [load_task(name, limit=e.limit) for name in e.tasks]
+        except KilnError as err:
+            raise KilnError(f"eval.tasks: {err}") from None
+        return tasks, Tokenizer.from_file(str(self.tokenizer_path))
+
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict | None:
+        """eval.tasks scored on the current weights, every rank taking its share of the
+        batches; the same numbers on every rank and at every world size."""
+        if not self.eval_tasks:
+            return None
+        from kiln.evals.score import evaluate_tasks, model_forward
+
+        self.model.eval()
+        return evaluate_tasks(
+            model_forward(self.model, self.autocast), self.eval_tasks, self.eval_tokenizer,
+            max_len=self.cfg.data.seq_len, vocab=self.cfg.model.vocab_size, device=self.device,
+            batch_tokens=self.cfg.eval.batch_tokens, rank=self.dist.rank,
+            world=self.dist.world_size)
+
+    @property
+    def task_interval(self) -> int:
+        return self.cfg.eval.interval or self.cfg.trainer.eval_interval
+
+    def _log_tasks(self) -> None:
+        results = self.evaluate_tasks()
+        if results is None:
+            return
+        record: dict = {"step": self.step, "tokens": self.tokens_seen}
+        for name, r in results.items():
+            record.update({f"{name}/{m}": v["value"] for m, v in r["metrics"].items()})
+        self._emit("on_eval", record)
+        if self.dist.is_main:
+            from kiln.evals.run import write_results
+
+            write_results(self.run_dir / "eval" / f"step{self.step}.json",
+                          {"step": self.step, "target": str(self.run_dir), "in_loop": True,
+                           "limit": self.cfg.eval.limit, "seed": 1234,
+                           "dtype": self.precision, "tasks": results})
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _emit(self, hook: str, *args) -> None:
@@ -842,6 +897,8 @@ class Trainer:
 
                 if cfg.trainer.eval_interval and self.step % cfg.trainer.eval_interval == 0:
                     self._log_eval()
+                if self.task_interval and self.step % self.task_interval == 0:
+                    self._log_tasks()
                 self._finish_background_save(wait=False)  # a failed one stops the run here
                 interval = cfg.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step != stop:
@@ -868,6 +925,8 @@ class Trainer:
             cfg.trainer.eval_interval and self.step % cfg.trainer.eval_interval == 0
         ):
             self._log_eval()
+        if self.eval_tasks and not (self.task_interval and self.step % self.task_interval == 0):
+            self._log_tasks()
         if cfg.checkpoint.save_final:
             self._checkpoint(wait=True)
         self._emit("on_fit_end", last)

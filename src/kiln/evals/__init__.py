@@ -1,0 +1,1 @@
+"""Downstream evaluation: multiple-choice tasks (:mod:`kiln.evals.tasks`) scored offline."""
