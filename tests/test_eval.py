@@ -192,8 +192,9 @@ def test_kiln_eval_prints_a_table_and_writes_eval_json(small_run, pydoc_tokens, 
 def test_kiln_eval_reads_a_hugging_face_export(small_run, tmp_path):
     pytest.importorskip("transformers")
     assert kiln_here("export", "hf", small_run, tmp_path / "hf").returncode == 0
+    # (an HF folder's default length is max_position_embeddings, the run's its data.seq_len)
     a = kiln_here("eval", small_run, "--tasks", "sciq", "--limit", "20", "--no-write")
-    b = kiln_here("eval", tmp_path / "hf", "--tasks", "sciq", "--limit", "20")
+    b = kiln_here("eval", tmp_path / "hf", "--tasks", "sciq", "--limit", "20", "--seq-len", 32)
     assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
     rows = [line for line in a.stdout.splitlines() if line.startswith("sciq")]
     assert rows == [line for line in b.stdout.splitlines() if line.startswith("sciq")]
@@ -271,3 +272,36 @@ def test_unknown_in_loop_task_is_refused_before_training(pydoc_tokens, tmp_path)
     with pytest.raises(KilnError, match="eval.tasks: unknown task 'hellaswg'; did you mean"):
         Trainer(config_from_dict(cfg))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- lm-evaluation-harness ---------------------------------------------------------------------
+
+
+def test_lm_eval_harness_runs_kiln_model_on_a_local_task_like_kiln_eval(
+        small_run, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local JSON only: nothing is downloaded
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    copa = load_task("copa", limit=40)
+    # the same instances for both: lm-eval joins context and choice with " "
+    write_task(tmp_path / "copa_kiln.jsonl", [
+        {"context": i.contexts[0], "choices": list(i.continuations), "gold": i.gold}
+        for i in copa.instances])
+    write_task(tmp_path / "local" / "copa.jsonl" if (tmp_path / "local").mkdir() is None
+               else None, [{"context": i.contexts[0], "choices": [c[1:] for c in
+                                                                  i.continuations],
+                            "gold": i.gold} for i in copa.instances])
+    (tmp_path / "local" / "copa_local.yaml").write_text(
+        "task: copa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'local' / 'copa.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    out = kiln_here("eval", small_run, "--tasks", tmp_path / "copa_kiln.jsonl", "--harness",
+                    "copa_local", "--include-path", tmp_path / "local")
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = json.loads((small_run / "eval" / "step4.json").read_text())
+    ours = saved["tasks"]["copa_kiln"]["metrics"]["acc"]["value"]
+    theirs = saved["harness"]["copa_local"]["acc,none"]
+    assert theirs == pytest.approx(ours, abs=1e-12)
+    assert "copa_local" in out.stdout  # lm-eval's table

@@ -28,6 +28,10 @@ class Loaded:
     step: int
     out: Path  # the JSON file results go to
     seq_len: int  # the longest query: the run's data.seq_len (what the model was trained on)
+    eos: int | None  # the document separator: data.eos_token_id or the tokenizer's EOS
+
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
 def _is_hf_folder(p: Path) -> bool:
@@ -50,11 +54,11 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
         from kiln.interop.hf import load_hf
 
         mc, state = load_hf(p)
-        step, out, seq_len = 0, p / "eval" / "hf.json", mc.max_seq_len
+        step, out, seq_len, eos = 0, p / "eval" / "hf.json", mc.max_seq_len, None
     else:
         p = ckpt.resolve(target)
         cfg = config_from_dict(ckpt.read_config_dict(p / "config.yaml"))
-        mc, state, seq_len = cfg.model, None, cfg.data.seq_len
+        mc, state, seq_len, eos = cfg.model, None, cfg.data.seq_len, cfg.data.eos_token_id
         step = ckpt.step_of(p) if p.name.startswith("step") else 0
         run = p.parent.parent if p.parent.name == "checkpoints" else p
         out = run / "eval" / f"step{step}.json"
@@ -74,7 +78,10 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
         model.load_state_dict(state)  # load_hf checked every tensor's shape
     else:
         ckpt.load_into(p, model, None, tied=mc.tie_embeddings)
-    return Loaded(model.to(dev).eval(), tok, step, out, min(seq_len, mc.max_seq_len))
+    for name in EOS_NAMES:
+        if eos is None and tok.token_to_id(name) is not None:
+            eos = tok.token_to_id(name)
+    return Loaded(model.to(dev).eval(), tok, step, out, min(seq_len, mc.max_seq_len), eos)
 
 
 def perplexity(model, tokenizer, path: str, *, seq_len: int, limit: int | None,
@@ -150,6 +157,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
     p.add_argument("--batch-tokens", type=int, default=16384,
                    help="padded tokens per forward pass (default 16384)")
+    p.add_argument("--harness", default=None, metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks, run with kiln's model "
+                   "(needs pip install -e '.[eval]')")
+    p.add_argument("--include-path", default=None,
+                   help="folder of extra lm-eval task YAMLs for --harness (local data)")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
     p.add_argument("--no-write", action="store_true", help="print only; write no JSON")
 
@@ -164,8 +176,15 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
     if not args.target:
         raise KilnError("name a run directory, checkpoint or Hugging Face folder to evaluate "
                         "(or pass --list)")
-    if not args.tasks and not args.data:
-        raise KilnError("nothing to evaluate: pass --tasks NAME[,NAME...] and/or --data PATH")
+    if not args.tasks and not args.data and not args.harness:
+        raise KilnError("nothing to evaluate: pass --tasks NAME[,NAME...], --data PATH and/or "
+                        "--harness TASKS")
+    if args.harness:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise KilnError("--harness needs lm-evaluation-harness: pip install -e "
+                            "'.[eval]'") from None
     for flag in ("limit", "seq_len", "batch_tokens"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -206,6 +225,17 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
         print(f"{args.data}: {ppl['nats_per_token']:.4f} nats/token, "
               f"{ppl['bits_per_byte']:.4f} bits/byte ({ppl['tokens']} tokens, "
               f"{ppl['windows']} windows of {max_len})")
+    if args.harness:
+        from lm_eval.utils import make_table
+
+        from kiln.evals.harness import run_harness
+
+        res = run_harness(args.target, [t.strip() for t in args.harness.split(",")],
+                          limit=args.limit, include_path=args.include_path,
+                          tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                          batch_tokens=args.batch_tokens)
+        print(make_table(res))
+        record["harness"] = json.loads(json.dumps(res["results"], default=str))
     if not args.no_write:
         write_results(loaded.out, record)
         print(f"wrote {loaded.out}")

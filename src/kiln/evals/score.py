@@ -54,6 +54,15 @@ class Request:
     cont: list[int]  # the continuation's tokens that are scored (the query's last targets)
 
 
+def make_request(instance: int, choice: int, ctx: list[int], cont: list[int], max_len: int
+                 ) -> Request:
+    """``query = (ctx + cont[:-1])[-max_len:]``; a continuation longer than the query keeps
+    its last tokens."""
+    query = (ctx + cont[:-1])[-max_len:]
+    return Request(instance, choice, query, cont[-len(query):] if len(cont) > len(query)
+                   else cont)
+
+
 def tokenize(task: Task, tokenizer, max_len: int) -> list[Request]:
     """The requests of every (instance, choice), tokenized with ``tokenizer`` (HF tokenizers)."""
     texts = sorted({s for inst in task.instances for s in (*inst.contexts, *inst.continuations)})
@@ -66,9 +75,7 @@ def tokenize(task: Task, tokenizer, max_len: int) -> list[Request]:
             if not cont_ids:
                 raise KilnError(f"task {task.name}: instance {inst.id} choice {c} is empty "
                                 "after tokenization; every choice needs some text")
-            query = (ids[ctx] + cont_ids[:-1])[-max_len:]
-            out.append(Request(i, c, query, cont_ids[-len(query):] if len(cont_ids) >
-                               len(query) else cont_ids))
+            out.append(make_request(i, c, ids[ctx], cont_ids, max_len))
     return out
 
 
@@ -89,7 +96,8 @@ def batches(requests: Sequence[Request], batch_tokens: int, max_batch: int = 256
 
 @torch.no_grad()
 def _score_batch(forward: Forward, reqs: list[Request], vocab: int, device: torch.device
-                 ) -> list[float]:
+                 ) -> list[tuple[float, bool]]:
+    """(ll, greedy) of each request: greedy when every continuation token is the argmax."""
     T = len(reqs[0].query)
     tokens = torch.zeros(len(reqs), T, dtype=torch.long)
     pos, targets, owner = [], [], []
@@ -104,17 +112,22 @@ def _score_batch(forward: Forward, reqs: list[Request], vocab: int, device: torc
     logp = torch.log_softmax(logits[:, :vocab].to(torch.promote_types(logits.dtype,
                                                                       torch.float32)), dim=-1)
     tok_lp = logp.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    owner_t = torch.tensor(owner, device=device)
     sums = torch.zeros(len(reqs), dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor(owner, device=device), tok_lp.double())
-    return sums.tolist()
+    sums.index_add_(0, owner_t, tok_lp.double())
+    misses = torch.zeros(len(reqs), dtype=torch.long, device=device)
+    misses.index_add_(0, owner_t, (logp.argmax(-1) != torch.tensor(targets, device=device))
+                      .long())
+    return list(zip(sums.tolist(), (misses == 0).tolist()))
 
 
 def loglikelihoods(forward: Forward, requests: Sequence[Request], *, vocab: int,
                    device: torch.device, batch_tokens: int = 8192, rank: int = 0,
-                   world: int = 1) -> np.ndarray:
-    """``ll`` of every request (float64 array), all ranks taking part when ``world > 1``."""
+                   world: int = 1, greedy: bool = False) -> np.ndarray | tuple[np.ndarray, ...]:
+    """``ll`` of every request (float64 array), all ranks taking part when ``world > 1``;
+    with ``greedy`` also whether each continuation is what greedy decoding would produce."""
     groups = batches(requests, batch_tokens)
-    mine: dict[int, float] = {}
+    mine: dict[int, tuple[float, bool]] = {}
     rounds = math.ceil(len(groups) / world) if groups else 0
     for k in range(rounds):
         g = k * world + rank
@@ -125,11 +138,12 @@ def loglikelihoods(forward: Forward, requests: Sequence[Request], *, vocab: int,
         if g < len(groups):
             mine.update(zip(groups[g], lls))
     if world > 1:
-        parts: list[dict[int, float] | None] = [None] * world
+        parts: list[dict[int, tuple[float, bool]] | None] = [None] * world
         dist.all_gather_object(parts, mine)
         for p in parts:
             mine.update(p or {})
-    return np.array([mine[i] for i in range(len(requests))], dtype=np.float64)
+    ll = np.array([mine[i][0] for i in range(len(requests))], dtype=np.float64)
+    return (ll, np.array([mine[i][1] for i in range(len(requests))])) if greedy else ll
 
 
 def _mean_stderr(x: np.ndarray) -> tuple[float, float]:
