@@ -31,6 +31,7 @@ FREE = {
     "data.cache_dir": "a folder, created when a URL in the data paths is fetched",
     "trainer.run_dir": "any folder",
     "init.from": "a checkpoint, resolved when the run starts",
+    "log.wandb_project": "any W&B project name",
     "eval.tasks": "task names or JSONL files: an unknown one is refused before step 1, with a "
                   "did-you-mean (tests/test_eval.py)",
 }

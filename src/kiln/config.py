@@ -336,6 +336,18 @@ class TrainerConfig:
     """Compute the output layer and the cross entropy together over chunks of tokens, never
     holding the full [tokens, vocab] logits (kiln.losses); false: the plain path, full fp32
     logits then cross entropy. The same loss and gradients to fp32 rounding."""
+    on_nonfinite: Literal["stop", "skip", "warn"] = "stop"
+    """A step whose loss or gradient norm is NaN/inf. stop: stop the run at once, writing no
+    checkpoint (the last one saved is good), and say how to resume; skip: drop that batch's
+    update (weights and Adam state untouched) and go on; warn: log it and apply the update."""
+    on_spike: Literal["warn", "skip", "stop"] = "warn"
+    """A loss or gradient-norm spike (z-score over the last spike_window steps above
+    spike_zscore): warn logs it; skip drops that batch's update; stop ends the run with a
+    checkpoint of the weights before the spike."""
+    spike_window: Annotated[int, AtLeast(8)] = 64
+    """Steps of loss and gradient-norm history the spike detector compares a step with."""
+    spike_zscore: Annotated[float, Positive] = 6.0
+    """How many standard deviations above the window's mean make a spike."""
 
 
 @dataclass
@@ -409,6 +421,17 @@ class LogConfig:
     interval: Annotated[int, AtLeast(1)] = 1
     """Steps between metric lines (console and metrics.jsonl)."""
     console: bool = True
+    tensorboard: bool = False
+    """Write TensorBoard event files to RUN_DIR/tb (rank 0): `tensorboard --logdir RUN_DIR/tb`.
+    Needs `pip install -e '.[track]'`."""
+    wandb: bool = False
+    """Log to Weights & Biases (rank 0); the run id is kept in RUN_DIR/wandb_id so a resume
+    continues the same W&B run. Needs `pip install -e '.[track]'`."""
+    wandb_project: str | None = None
+    """W&B project (default: kiln)."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: the WANDB_MODE environment variable, else online; offline needs no account
+    (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later)."""
 
 
 @dataclass
