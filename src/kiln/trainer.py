@@ -245,7 +245,17 @@ class Trainer:
         # the first step whose loss or gradient norm was not finite (0: none), kept on the
         # device so that checking every step costs no host sync; read by _check_finite
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+        # stability watch (trainer.on_nonfinite / on_spike), all on the device: counts of
+        # skipped updates, non-finite steps let through (warn) and spikes, and each one's
+        # first step; the loss / grad-norm history the spike z-score compares with
+        self._events = torch.zeros(6, dtype=torch.long, device=self.device)
+        self._history = torch.zeros(2, t.spike_window, device=self.device)
+        self._history_len = 0
+        # what the step costs, summed between logging steps (host seconds)
+        self._costs = {"data_wait": 0.0, "fwd_bwd": 0.0, "optim": 0.0}
+        self._last_save: dict[str, float] = {}
         self._fault = _fault_injection(self.dist.rank)
+        self._loss_fault = _loss_fault()
         self.save_stalls: list[float] = []  # seconds each background save paused training
         n_sources = len(getattr(self.train_data, "names", []))
         self._source_sums = torch.zeros(2, n_sources, device=self.device)  # loss sums, windows
@@ -395,7 +405,12 @@ class Trainer:
         """Save a checkpoint of the current step: now, or (checkpoint.async) by starting a
         background write, which `wait` waits for."""
         if not self.cfg.checkpoint.async_:
-            self._emit("on_checkpoint", self.save_checkpoint())
+            t0 = time.perf_counter()
+            path = self.save_checkpoint()
+            self._last_save = {"ckpt_save_time": time.perf_counter() - t0}
+            if self.dist.is_main:
+                self._last_save["ckpt_mib"] = ckpt.checkpoint_bytes(path) / 2**20
+            self._emit("on_checkpoint", path)
             return
         self._start_background_save()
         if wait:
@@ -502,8 +517,10 @@ class Trainer:
                 raise KilnError(f"background save failed: {error}")
             return
         self.save_stalls.append(stall)
+        self._last_save = {"ckpt_stall_time": stall, "ckpt_save_time": took}
         if path is None:  # another rank's part of a sharded save
             return
+        self._last_save["ckpt_mib"] = ckpt.checkpoint_bytes(path) / 2**20
         self._emit("on_note", f"checkpoint {path.name}: training paused {stall:.3f} s to copy "
                    f"the state; written in the background in {took:.2f} s")
         self._emit("on_checkpoint", path)
@@ -590,6 +607,7 @@ class Trainer:
         `sources` (a mixture's source of each row) adds each window's loss to its source's
         running sums (see source_losses)."""
         self.model.train()
+        t_start = time.perf_counter()
         lr = self.schedule.lr(self.step + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -601,12 +619,16 @@ class Trainer:
             mb = batch[i * micro : (i + 1) * micro]
             with self._grad_sync(i == n_micro - 1):
                 loss, ce, per_window = self.micro_loss(mb, per_window=sources is not None)
+                if self._loss_fault is not None and self._loss_fault[0] == self.step + 1:
+                    loss = loss * self._loss_fault[1]  # a drill (KILN_FAULT_LOSS)
+                    ce = ce * self._loss_fault[1]
                 (loss / n_micro).backward()
             loss_sum += ce.detach()
             if per_window is not None:
                 rows = torch.tensor(sources[i * micro : (i + 1) * micro], device=self.device)
                 self._source_sums[0].index_add_(0, rows, per_window.float())
                 self._source_sums[1].index_add_(0, rows, torch.ones_like(per_window).float())
+        self._costs["fwd_bwd"] += time.perf_counter() - t_start
         if self._copied is not None:  # a background save still copying these weights
             t0 = time.perf_counter()
             self._copied.wait()
@@ -617,12 +639,106 @@ class Trainer:
                                                    clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # sharded grads: the norm is a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / n_micro
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
-        self._bad_step = torch.where((self._bad_step == 0) & bad, self.step + 1, self._bad_step)
+        t_optim = time.perf_counter()
+        skip = self._watch(loss, grad_norm.to(loss.device))
+        if skip is None:
+            self.optimizer.step()
+        elif getattr(self.optimizer, "defaults", {}).get("fused"):
+            # the fused kernel leaves weights and Adam state alone where found_inf is 1,
+            # decided on the device: no host sync
+            self.optimizer.found_inf = skip.float()
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+        elif not bool(skip):  # foreach AdamW has no found_inf: ask the host
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._costs["optim"] += time.perf_counter() - t_optim
         return loss, grad_norm
+
+    def _watch(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
+        """Every step, on the device: record a non-finite loss / gradient norm and a spike,
+        and return the flag of an update to skip (None: no policy skips anything)."""
+        t = self.cfg.trainer
+        step = self.step + 1
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        x = torch.stack([loss.float(), grad_norm.float()])
+        spike = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self._history_len >= t.spike_window:
+            mean, std = self._history.mean(1), self._history.std(1)
+            spike = ((x - mean) > t.spike_zscore * std.clamp_min(1e-6)).any() & ~bad
+        ok = ~bad & ~spike  # only ordinary steps join the history
+        col = self._history_len % t.spike_window
+        self._history[:, col] = torch.where(ok, x, self._history[:, col])
+        self._history_len += 1  # (a step in the history's place keeps the old value)
+        ev = self._events  # skipped, first skipped, nonfinite let through, first, spikes, first
+        skip_bad = t.on_nonfinite == "skip"
+        skip_spike = t.on_spike in ("skip", "stop")
+        skip = (bad if skip_bad else torch.zeros_like(bad)) | (spike if skip_spike else
+                                                                torch.zeros_like(bad))
+        if t.on_nonfinite == "stop":
+            self._bad_step = torch.where((self._bad_step == 0) & bad, step, self._bad_step)
+        elif t.on_nonfinite == "warn":
+            ev[2] += bad.long()
+            ev[3] = torch.where((ev[3] == 0) & bad, step, ev[3])
+        ev[0] += skip.long()
+        ev[1] = torch.where((ev[1] == 0) & skip, step, ev[1])
+        ev[4] += spike.long()
+        ev[5] = torch.where((ev[5] == 0) & spike, step, ev[5])
+        if t.on_spike == "stop" and bool(spike):  # (a host sync per step: stop is opt-in)
+            self.stop_requested = f"a loss spike at step {step}"
+        return skip if (skip_bad or skip_spike) else None
+
+    def _step_costs(self, seconds: float, steps: int) -> dict[str, float]:
+        """Per step since the last logging step: the wait for data and its share of the step
+        time, the forward+backward and optimizer host times (CPU only: on CUDA they would
+        measure kernel launches), peak memory, and the last checkpoint's save time and size."""
+        c, steps = self._costs, max(steps, 1)
+        out = {"data_wait": c["data_wait"] / steps,
+               "data_wait_share": c["data_wait"] / max(seconds, 1e-9)}
+        if self.device.type == "cpu":
+            out["fwd_bwd_time"] = c["fwd_bwd"] / steps
+            out["optim_time"] = c["optim"] / steps
+            import resource
+
+            out["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        elif self.device.type == "cuda":
+            out["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        out.update(self._last_save)
+        self._last_save = {}
+        self._costs = dict.fromkeys(c, 0.0)
+        return out
+
+    def _watch_report(self) -> dict[str, float]:
+        """At a logging step (the host reads anyway): skipped updates, non-finite steps and
+        spikes since the last report, each also said on the console once."""
+        if not self._events.any():
+            return {}
+        ev = self._events.clone()
+        if self.dist.enabled:  # the flags are the same on every rank (reduced loss / norm)
+            dist.all_reduce(ev, op=dist.ReduceOp.MAX)
+        skipped, first_skip, nonfinite, first_bad, spikes, first_spike = ev.tolist()
+        self._events.zero_()
+        out: dict[str, float] = {}
+        t = self.cfg.trainer
+        if spikes:
+            out["spikes"] = spikes
+            self._emit("on_note", f"kiln: {spikes} loss / gradient-norm spike(s) since the last "
+                       f"log line, the first at step {first_spike} (z-score > "
+                       f"{t.spike_zscore:g} over {t.spike_window} steps; trainer.on_spike="
+                       f"{t.on_spike})")
+        if nonfinite:
+            out["nonfinite_steps"] = nonfinite
+            self._emit("on_note", f"kiln: {nonfinite} step(s) with a non-finite loss or "
+                       f"gradient norm, the first at step {first_bad}, applied "
+                       "(trainer.on_nonfinite=warn); a checkpoint of non-finite weights "
+                       "is never written")
+        if skipped:
+            out["skipped_updates"] = skipped
+            self._emit("on_note", f"kiln: skipped the update of {skipped} batch(es), the "
+                       f"first at step {first_skip} (trainer.on_nonfinite="
+                       f"{t.on_nonfinite}, trainer.on_spike={t.on_spike})")
+        return out
 
     def source_losses(self) -> dict[str, float]:
         """Mean training loss of each mixture source since the last call (all ranks call;
@@ -860,7 +976,9 @@ class Trainer:
         t_log, tokens_at_log, step_at_log = time.perf_counter(), self.tokens_seen, self.step
         try:
             while self.step < stop:
+                t_data = time.perf_counter()
                 batch = self.loader.next_batch()
+                self._costs["data_wait"] += time.perf_counter() - t_data
                 if self._fault == self.step + 1:
                     raise RuntimeError(f"injected fault on rank {self.dist.rank} at step "
                                        f"{self.step + 1} (KILN_FAULT_INJECT)")
@@ -888,6 +1006,8 @@ class Trainer:
                         "model_flops_per_sec": tps * self.flops_per_token,
                         "step_time": dt / max(self.step - step_at_log, 1),
                         **self.source_losses(),
+                        **self._step_costs(dt, self.step - step_at_log),
+                        **self._watch_report(),
                     }
                     if self.peak_flops:  # per-GPU model FLOPs over the device's dense peak
                         last["mfu"] = tps * self.flops_per_token / (
@@ -962,6 +1082,17 @@ def all_finite(tensors) -> torch.Tensor:
     if not local:
         return torch.tensor(True)
     return torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all()
+
+
+def _loss_fault() -> tuple[int, float] | None:
+    """KILN_FAULT_LOSS="STEP:FACTOR" multiplies that step's loss (and so its gradients) by
+    FACTOR: nan makes a non-finite step, 1000 a spike (drills for trainer.on_nonfinite and
+    trainer.on_spike, see docs/stability.md)."""
+    spec = os.environ.get("KILN_FAULT_LOSS")
+    if not spec:
+        return None
+    step, _, factor = spec.partition(":")
+    return int(step), float(factor)
 
 
 def _fault_injection(rank: int) -> int | None:
