@@ -138,7 +138,7 @@ def wandb_history(path: Path) -> tuple[str, list[dict]]:
 def fit_wandb(cfg: dict) -> None:
     import wandb
 
-    fit(cfg, WandbCallback(cfg["trainer"]["run_dir"], config_from_dict(cfg)))
+    fit(cfg)  # log.wandb=true: the trainer builds the W&B callback itself
     # W&B's service writes the run's file after finish() returns; a process's exit waits
     # for it (an atexit hook), here teardown does
     wandb.teardown()
@@ -204,3 +204,15 @@ def test_a_missing_package_is_a_one_line_error_naming_the_extra(pydoc_tokens, tm
     message = str(e.value)
     assert "\n" not in message
     assert message == (f"log.{option} needs the {package} package: pip install -e '.[track]'")
+
+
+def test_the_config_turns_tensorboard_on(pydoc_tokens, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import train
+
+    run = tmp_path / "run"
+    train(tiny_cfg(pydoc_tokens, run, trainer__max_duration=2, log__tensorboard=True))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert "data_wait_share" in acc.Tags()["scalars"]

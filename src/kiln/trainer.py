@@ -276,6 +276,9 @@ class Trainer:
                                                       truncate_after=self.step))
             if cfg.log.console:
                 self.callbacks.append(ConsoleCallback())
+            from kiln.trackers import build_trackers  # log.tensorboard / log.wandb
+
+            self.callbacks.extend(build_trackers(cfg, self.run_dir))
             self.callbacks.extend(callbacks or [])
 
     # -- state -------------------------------------------------------------------------------
@@ -970,11 +973,12 @@ class Trainer:
             self._check_free_space(start=self.step)  # a run that cannot save never starts
         if self.dist.is_main and ck.keep_last > 0:  # what a kill after the last save left
             ckpt.prune(self.run_dir, ck.keep_last)
-        self._emit("on_fit_start")
         last: dict = {}
         start_step = self.step
         t_log, tokens_at_log, step_at_log = time.perf_counter(), self.tokens_seen, self.step
         try:
+            self._emit("on_fit_start")  # (inside: a tracker that cannot start closes the loader)
+            t_log = time.perf_counter()  # (a tracker's start-up is not training time)
             while self.step < stop:
                 t_data = time.perf_counter()
                 batch = self.loader.next_batch()
