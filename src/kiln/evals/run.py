@@ -205,10 +205,28 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
     bf16 = args.dtype == "bf16" or (args.dtype is None and dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else None
     max_len = min(args.seq_len or loaded.seq_len, model.cfg.max_seq_len)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     t0 = time.perf_counter()
-    results = evaluate_tasks(model_forward(model, autocast), tasks, loaded.tokenizer,
-                             max_len=max_len, vocab=model.cfg.vocab_size, device=dev,
-                             batch_tokens=args.batch_tokens)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        ids: dict[str, Any] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in ids:
+                ids[name] = bar.add_task(f"{name} batches", total=total)
+            bar.update(ids[name], completed=done)
+
+        results = evaluate_tasks(model_forward(model, autocast), tasks, loaded.tokenizer,
+                                 max_len=max_len, vocab=model.cfg.vocab_size, device=dev,
+                                 batch_tokens=args.batch_tokens, progress=progress)
     seconds = time.perf_counter() - t0
     record: dict[str, Any] = {"step": loaded.step, "target": str(args.target),
                               "limit": args.limit, "seed": args.seed,

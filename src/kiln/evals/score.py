@@ -123,7 +123,9 @@ def _score_batch(forward: Forward, reqs: list[Request], vocab: int, device: torc
 
 def loglikelihoods(forward: Forward, requests: Sequence[Request], *, vocab: int,
                    device: torch.device, batch_tokens: int = 8192, rank: int = 0,
-                   world: int = 1, greedy: bool = False) -> np.ndarray | tuple[np.ndarray, ...]:
+                   world: int = 1, greedy: bool = False,
+                   on_batch: Callable[[int, int], None] | None = None
+                   ) -> np.ndarray | tuple[np.ndarray, ...]:
     """``ll`` of every request (float64 array), all ranks taking part when ``world > 1``;
     with ``greedy`` also whether each continuation is what greedy decoding would produce."""
     groups = batches(requests, batch_tokens)
@@ -137,6 +139,8 @@ def loglikelihoods(forward: Forward, requests: Sequence[Request], *, vocab: int,
         lls = _score_batch(forward, reqs, vocab, device)
         if g < len(groups):
             mine.update(zip(groups[g], lls))
+        if on_batch is not None:
+            on_batch(k + 1, rounds)
     if world > 1:
         parts: list[dict[int, tuple[float, bool]] | None] = [None] * world
         dist.all_gather_object(parts, mine)
@@ -182,16 +186,18 @@ def task_metrics(task: Task, requests: Sequence[Request], ll: np.ndarray) -> dic
 
 def evaluate_tasks(forward: Forward, tasks: Sequence[Task], tokenizer, *, max_len: int,
                    vocab: int, device: torch.device, batch_tokens: int = 8192, rank: int = 0,
-                   world: int = 1, progress: Callable[[str], None] | None = None) -> dict:
-    """Task name -> :func:`task_metrics` (same on every rank)."""
+                   world: int = 1, progress: Callable[[str, int, int], None] | None = None
+                   ) -> dict:
+    """Task name -> :func:`task_metrics` (same on every rank). ``progress(task, done, total)``
+    is called after each batch round."""
     results = {}
     for task in tasks:
         reqs = tokenize(task, tokenizer, max_len)
         ll = loglikelihoods(forward, reqs, vocab=vocab, device=device,
-                            batch_tokens=max(batch_tokens, max_len), rank=rank, world=world)
+                            batch_tokens=max(batch_tokens, max_len), rank=rank, world=world,
+                            on_batch=None if progress is None else
+                            (lambda d, t, name=task.name: progress(name, d, t)))
         results[task.name] = task_metrics(task, reqs, ll)
-        if progress is not None:
-            progress(task.name)
     return results
 
 
