@@ -422,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=lambda a, _: run_eval(a))
 
+    p = sub.add_parser("plot", help="loss, validation, LR, grad norm and throughput curves of "
+                       "one or more runs on one figure")
+    from kiln.plot import add_plot_arguments, run_plot
+
+    add_plot_arguments(p)
+    p.set_defaults(func=lambda a, _: run_plot(a))
+
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)
