@@ -88,12 +88,19 @@ def cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
 def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None) -> int:
     from rich.console import Console
 
-    from kiln.plan import data_lines, plan_lines
+    from kiln.plan import (
+        NO_DATA_LINE,
+        data_lines,
+        missing_data,
+        missing_data_warning,
+        plan_lines,
+    )
     from kiln.start import plan_start
     from kiln.trainer import build_datasets
 
     console = Console(highlight=False, soft_wrap=True)
-    train, val, files = build_datasets(cfg)
+    missing = missing_data(cfg)  # before `kiln prepare`: plan without the data
+    train, val, files = build_datasets(cfg) if not missing else (None, None, [])
     plan = plan_start(cfg, extend_to, extend_shape, resume_from)
     console.print("[bold]# resolved config[/bold]")
     console.print(cfg.to_yaml(), markup=False)
@@ -102,10 +109,14 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
         console.print(note, markup=False)
     console.print("[bold]# derived numbers[/bold]")
     lines, warnings = plan_lines(cfg, plan=plan)
-    more, data_warnings = data_lines(cfg, len(train), None if val is None else len(val),
-                                     sum(len(f) for f in files), len(files), plan=plan)
-    lines += more
-    warnings += data_warnings
+    if missing:
+        lines.append(NO_DATA_LINE)
+        warnings.insert(0, missing_data_warning(missing))
+    else:
+        more, data_warnings = data_lines(cfg, len(train), None if val is None else len(val),
+                                         sum(len(f) for f in files), len(files), plan=plan)
+        lines += more
+        warnings += data_warnings
     if hasattr(train, "plan"):  # a mixture: each source's budget over the run
         windows = plan.total_steps * cfg.trainer.global_batch_size
         for src in train.plan(windows):
@@ -428,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plot_arguments(p)
     p.set_defaults(func=lambda a, _: run_plot(a))
+
+    p = sub.add_parser("plan", help="memory, time and disk a run will need, before launch")
+    from kiln.plan import add_plan_arguments, run_plan
+
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan, overrides=True)
 
     p = sub.add_parser("presets", help="list model presets (or print one)")
     p.add_argument("name", nargs="?")
