@@ -157,7 +157,9 @@ def ranges_of(size: int, chunk: int, which) -> list[str]:
 
 def metrics(run: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock numbers."""
-    clock = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu", "time", "elapsed"}
+    clock = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu", "time", "elapsed",
+             "data_wait", "data_wait_share", "fwd_bwd_time", "optim_time", "peak_mem_mib",
+             "ckpt_save_time", "ckpt_stall_time", "ckpt_mib"}
     return [{k: v for k, v in json.loads(line).items() if k not in clock}
             for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
