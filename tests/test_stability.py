@@ -23,8 +23,9 @@ def records(run: Path) -> list[dict]:
 
 
 def cfg(tokens: Path, run: Path, **over) -> dict:
-    return tiny_cfg(tokens, run, trainer__max_duration=16, checkpoint__interval=1,
-                    checkpoint__keep_last=0, log__interval=4, **over)
+    over = {"trainer__max_duration": 8, **over}
+    return tiny_cfg(tokens, run, checkpoint__interval=1, checkpoint__keep_last=0,
+                    log__interval=4, trainer__global_batch_size=4, **over)
 
 
 def test_skip_drops_the_bad_batch_and_the_run_ends_finite(pydoc_tokens, tmp_path, monkeypatch):
@@ -34,10 +35,10 @@ def test_skip_drops_the_bad_batch_and_the_run_ends_finite(pydoc_tokens, tmp_path
     before, after = weights(run, 5), weights(run, 6)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the update was dropped
     assert not torch.equal(weights(run, 6)["embed.weight"], weights(run, 7)["embed.weight"])
-    for step in range(1, 17):
+    for step in range(1, 9):
         assert all(torch.isfinite(t).all() for t in weights(run, step).values()), step
     logged = {r["step"]: r for r in records(run) if "loss" in r}
-    assert logged[8]["skipped_updates"] == 1 and "skipped_updates" not in logged[12]
+    assert logged[8]["skipped_updates"] == 1 and "skipped_updates" not in logged[4]
 
 
 def test_stop_keeps_no_checkpoint_of_the_bad_step_even_between_logging_steps(
@@ -53,15 +54,15 @@ def test_stop_keeps_no_checkpoint_of_the_bad_step_even_between_logging_steps(
 
 
 def test_a_spike_is_found_and_skipped(pydoc_tokens, tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_FAULT_LOSS", "14:1000")  # gradients 1000x: a grad-norm spike
+    monkeypatch.setenv("KILN_FAULT_LOSS", "11:1000")  # gradients 1000x: a grad-norm spike
     run = tmp_path / "run"
     train(cfg(pydoc_tokens, run, trainer__on_spike="skip", trainer__spike_window=8,
-              optim__grad_clip=0.0))
-    before, after = weights(run, 13), weights(run, 14)
+              optim__grad_clip=0.0, trainer__max_duration=12))
+    before, after = weights(run, 10), weights(run, 11)
     assert all(torch.equal(before[k], after[k]) for k in before)
     logged = {r["step"]: r for r in records(run) if "loss" in r}
-    assert logged[16]["spikes"] == 1 and logged[16]["skipped_updates"] == 1
-    assert not any("spikes" in r for s, r in logged.items() if s < 16)  # no false alarms
+    assert logged[12]["spikes"] == 1 and logged[12]["skipped_updates"] == 1
+    assert not any("spikes" in r for s, r in logged.items() if s < 12)  # no false alarms
 
 
 def test_step_costs_are_logged(pydoc_tokens, tmp_path):
