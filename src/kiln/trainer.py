@@ -666,9 +666,9 @@ class Trainer:
         step = self.step + 1
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         x = torch.stack([loss.float(), grad_norm.float()])
-        spike = torch.zeros((), dtype=torch.bool, device=self.device)
+        spike = bad & False  # (a device bool without a new allocation per step)
         if self._history_len >= t.spike_window:
-            mean, std = self._history.mean(1), self._history.std(1)
+            std, mean = torch.std_mean(self._history, dim=1)
             spike = ((x - mean) > t.spike_zscore * std.clamp_min(1e-6)).any() & ~bad
         ok = ~bad & ~spike  # only ordinary steps join the history
         col = self._history_len % t.spike_window
@@ -677,8 +677,7 @@ class Trainer:
         ev = self._events  # skipped, first skipped, nonfinite let through, first, spikes, first
         skip_bad = t.on_nonfinite == "skip"
         skip_spike = t.on_spike in ("skip", "stop")
-        skip = (bad if skip_bad else torch.zeros_like(bad)) | (spike if skip_spike else
-                                                                torch.zeros_like(bad))
+        skip = (bad & skip_bad) | (spike & skip_spike)
         if t.on_nonfinite == "stop":
             self._bad_step = torch.where((self._bad_step == 0) & bad, step, self._bad_step)
         elif t.on_nonfinite == "warn":

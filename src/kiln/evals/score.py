@@ -111,13 +111,13 @@ def _score_batch(forward: Forward, reqs: list[Request], vocab: int, device: torc
     # fp32 log-softmax (fp64 for an fp64 model), summed per request in fp64
     logp = torch.log_softmax(logits[:, :vocab].to(torch.promote_types(logits.dtype,
                                                                       torch.float32)), dim=-1)
-    tok_lp = logp.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)
+    target_t = torch.tensor(targets, device=device)
+    tok_lp = logp.gather(1, target_t[:, None]).squeeze(1)
     owner_t = torch.tensor(owner, device=device)
     sums = torch.zeros(len(reqs), dtype=torch.float64, device=device)
     sums.index_add_(0, owner_t, tok_lp.double())
     misses = torch.zeros(len(reqs), dtype=torch.long, device=device)
-    misses.index_add_(0, owner_t, (logp.argmax(-1) != torch.tensor(targets, device=device))
-                      .long())
+    misses.index_add_(0, owner_t, (logp.argmax(-1) != target_t).long())
     return list(zip(sums.tolist(), (misses == 0).tolist()))
 
 
