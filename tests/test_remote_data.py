@@ -1,11 +1,15 @@
 """URLs in data.paths (kiln.data.remote) against real servers, no mocks: Python's own HTTP
 server (with a handler that answers `Range: bytes=a-b` with 206, keeps a log of every
-request, and can be told to die after N bytes or to go slowly), fsspec's file:// and
-memory:// stores, and two real processes fetching one URL at once.
+request, can be told to die after N bytes or to go slowly, and to send no length, a chunked
+body or headers of our choosing), fsspec's file:// and memory:// stores, and two real
+processes fetching one URL at once.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -17,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +29,7 @@ import numpy as np
 import pytest
 from test_cli import assert_one_line_error, kiln_here, write_config
 
+from kiln.config import load_run_config
 from kiln.data import remote
 from kiln.data.tokens import TokenFile
 from kiln.errors import KilnError
@@ -66,9 +72,19 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             assert m, rng
             start, end = int(m[1]), min(int(m[2] or len(data) - 1), len(data) - 1)
             status = 206
+        chunked = srv.chunked and name.endswith(".bin")
+        if chunked:
+            self.protocol_version = "HTTP/1.1"  # chunked bodies are HTTP/1.1's
         self.send_response(status)
-        self.send_header("Content-Length", str(end + 1 - start))
-        self.send_header("ETag", f'"{path.stat().st_mtime_ns}-{len(data)}"')
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif srv.length or not name.endswith(".bin"):
+            self.send_header("Content-Length", str(end + 1 - start))
+        extra = srv.headers if name.endswith(".bin") else {}
+        if "ETag" not in extra:
+            self.send_header("ETag", f'"{path.stat().st_mtime_ns}-{len(data)}"')
+        for k, v in extra.items():
+            self.send_header(k, v)
         if srv.ranges:
             self.send_header("Accept-Ranges", "bytes")
         if status == 206:
@@ -86,26 +102,32 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
                         piece, srv.dead = piece[:max(left, 0)], True
                     srv.sent += len(piece)
                 dying = srv.dead
-            self.wfile.write(piece)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             pos += len(piece)
-            if dying:
+            if dying:  # a chunked body ends here without its last (empty) chunk
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
             if srv.delay:
                 time.sleep(srv.delay)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
 
 class Server:
     """A ThreadingHTTPServer on 127.0.0.1 in a thread, serving `root`. ranges=False: the
     stdlib's behaviour (no Range support); drop_after=N: after N bytes of .bin files it drops
     the connection in the middle of a body and every request after; delay: seconds per 8 KiB
-    sent."""
+    sent. For .bin files: length=False sends no Content-Length (the body ends when the
+    connection closes), chunked=True sends the body in chunks, `headers` are sent too (an
+    ETag given there replaces the usual one)."""
 
     def __init__(self, root: Path, port: int = 0, ranges: bool = True,
-                 drop_after: int | None = None, delay: float = 0.0):
+                 drop_after: int | None = None, delay: float = 0.0, length: bool = True,
+                 chunked: bool = False, headers: dict[str, str] | None = None):
         self.root, self.ranges, self.drop_after, self.delay = Path(root), ranges, drop_after, delay
+        self.length, self.chunked, self.headers = length, chunked, headers or {}
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, str | None]] = []
         self.sent, self.dead = 0, False
@@ -149,6 +171,29 @@ def server(www):
 def few_retries(monkeypatch):
     monkeypatch.setattr(remote, "RETRIES", 1)
     monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+
+
+@pytest.fixture
+def raw_www(tmp_path) -> Path:
+    """www/raw/part-0.bin: 20 KB of uint16 tokens and no sidecar, like a raw OLMo file."""
+    (tmp_path / "www/raw").mkdir(parents=True)
+    (tmp_path / "www/raw/part-0.bin").write_bytes(np.arange(10_000, dtype="<u2").tobytes())
+    return tmp_path / "www"
+
+
+@contextlib.contextmanager
+def serving(root: Path, **options) -> Iterator[Server]:
+    srv = Server(root, **options)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def assert_not_cached(url: str, cache: Path) -> None:
+    folder = remote.entry_dir(url, cache)
+    assert not (folder / remote.file_name(url)).exists()
+    assert not (folder / remote.RECORD).exists()
 
 
 def ranges_of(size: int, chunk: int, which) -> list[str]:
@@ -300,6 +345,75 @@ def test_a_server_without_ranges_is_read_in_one_stream(www, tmp_path):
     assert got.path.read_bytes() == (www / "data/tokens.bin").read_bytes()
     assert not (got.path.parent / "tokenizer.json").exists()
     assert TokenFile.open(got.path).eos_token_id == 0  # the sidecar came along
+
+
+def test_a_body_without_a_length_cut_short_is_never_cached(raw_www, tmp_path):
+    # no Content-Length, no sidecar, and the server closes early: what arrived looks whole
+    cache = tmp_path / "cache"
+    with serving(raw_www, ranges=False, length=False, drop_after=5000) as srv:
+        url = srv.url("raw/part-0.bin")
+        with pytest.raises(KilnError) as e:
+            remote.fetch(url, cache)
+    msg = str(e.value)
+    assert "\n" not in msg and url in msg and "no length" in msg
+    assert "--data.trust_unverified=true" in msg
+    assert_not_cached(url, cache)
+
+
+def test_a_body_without_a_length_is_used_only_when_its_end_is_confirmed(raw_www, tmp_path,
+                                                                       few_retries):
+    original = (raw_www / "raw/part-0.bin").read_bytes()
+    cache = tmp_path / "cache"
+    with serving(raw_www, ranges=False, chunked=True) as srv:  # the last, empty chunk ends it
+        got = remote.fetch(srv.url("raw/part-0.bin"), cache)
+    assert got.path.read_bytes() == original
+
+    # every chunk whole but the last (empty) one missing: tried again, then refused
+    with serving(raw_www, ranges=False, chunked=True, drop_after=len(original) - 1) as srv:
+        url = srv.url("raw/part-0.bin")
+        with pytest.raises(KilnError, match="could not fetch"):
+            remote.fetch(url, cache)
+        assert len(srv.gets("raw/part-0.bin")) == 2
+    assert_not_cached(url, cache)
+
+    # a whole body that ends when the connection closes: nothing says it is whole
+    with serving(raw_www, ranges=False, length=False) as srv:
+        url = srv.url("raw/part-0.bin")
+        with pytest.raises(KilnError, match="data.trust_unverified"):
+            remote.fetch(url, cache)
+        assert_not_cached(url, cache)
+        config = write_config(tmp_path / "c.yaml", url, tmp_path / "run")
+        data = load_run_config(str(config), [f"--data.cache_dir={cache}",
+                                             "--data.trust_unverified=true"]).data
+        [path] = remote.localise(data.paths, data, log=None)
+    assert path.read_bytes() == original
+
+
+def test_a_body_that_does_not_match_the_servers_md5_is_refused(raw_www, tmp_path):
+    original = (raw_www / "raw/part-0.bin").read_bytes()
+    cache = tmp_path / "cache"
+    right, wrong = hashlib.md5(original).digest(), hashlib.md5(original[:-2]).digest()
+    refused = [  # ranged (the finished file is hashed once), then streamed (hashed as it comes)
+        ({"headers": {"Content-MD5": base64.b64encode(wrong).decode()}}, "Content-MD5"),
+        ({"ranges": False, "length": False,
+          "headers": {"Content-MD5": base64.b64encode(wrong).decode()}}, "Content-MD5"),
+        ({"ranges": False, "headers": {"ETag": f'"{wrong.hex()}"'}}, "ETag"),  # S3's MD5 ETag
+    ]
+    for options, header in refused:
+        with serving(raw_www, **options) as srv:
+            url = srv.url("raw/part-0.bin")
+            with pytest.raises(KilnError, match=header) as e:
+                remote.fetch(url, cache, chunk_bytes=4096)
+        assert "\n" not in str(e.value) and url in str(e.value)
+        assert_not_cached(url, cache)
+
+    accepted = [{"headers": {"ETag": f'"{right.hex()}"'}},  # a digest confirms a body ...
+                {"ranges": False, "length": False,  # ... that has no length
+                 "headers": {"Content-MD5": base64.b64encode(right).decode()}}]
+    for options in accepted:
+        with serving(raw_www, **options) as srv:
+            got = remote.fetch(srv.url("raw/part-0.bin"), cache, chunk_bytes=4096)
+        assert got.path.read_bytes() == original
 
 
 # -- fsspec ------------------------------------------------------------------------------------

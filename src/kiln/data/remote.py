@@ -24,10 +24,18 @@ How a file is fetched:
   ranges not recorded. A server without ranges is read in one stream. fsspec stores are read
   in one stream, resumable at the last recorded offset.
 * Nothing is used before it is verified: the size must be the server's Content-Length (or the
-  store's size), and the sidecar's token count times its dtype's width; only then is the file
-  renamed into place and the record written (last). A cached copy whose size or fingerprint
-  (tokens.fingerprint: first and last MiB, sidecar) no longer matches the record is fetched
-  again; a server whose file disagrees with its sidecar is refused.
+  store's size), and the sidecar's token count times its dtype's width. Where the server gives
+  an MD5 of the file (Content-MD5; an ETag of 32 hex digits, as S3 gives for a single-part
+  object; a store's md5 or ETag), the file's MD5 must be it (computed as a stream arrives; a
+  ranged fetch hashes the finished file once). A file whose length nothing gives (no
+  Content-Length, no sidecar) must end with a confirmed end of stream: a chunked body's last,
+  empty chunk. A body that just ends when the connection closes cannot be told from one cut
+  short, so without an MD5 it is refused and nothing is cached, unless
+  ``data.trust_unverified: true`` (which also accepts a file whose ETag is no MD5 of it, as
+  for S3 objects encrypted with KMS). Only then is the file renamed into place and the record
+  written (last). A cached copy whose size or fingerprint (tokens.fingerprint: first and last
+  MiB, sidecar) no longer matches the record is fetched again; a server whose file disagrees
+  with its sidecar is refused.
 * One downloader per cache: every cache entry has a lock file (fcntl.flock), so of the ranks
   of a node sharing the cache exactly one fetches a file, and the others wait for it and then
   open the same local copy. (flock on a network file system is only as good as its locking;
@@ -51,6 +59,7 @@ which keep the files' names and bytes, so it is the same as for the source files
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -96,6 +105,7 @@ RECORD = ".kiln-remote.json"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _ITEMSIZE = {"uint16": 2, "uint32": 4}
 _NPY_MAGIC = b"\x93NUMPY"
+_MD5_ETAG = re.compile(r'"([0-9a-fA-F]{32})"')
 _PIECE = 1 << 20
 Log = Callable[[str], None]
 
@@ -273,13 +283,14 @@ def localise(patterns: Sequence[str | Path] | str, data: Any = None, *,
              keep: Iterable[str] = (), log: Log | None = _stderr_log) -> list[Path]:
     """The local files of `patterns` in data order, fetching each URL into the cache (in that
     order) unless a verified copy is there. `data` is the DataConfig (cache_dir,
-    cache_limit_gb); URLs in `keep` are never evicted to make room."""
+    cache_limit_gb, trust_unverified); URLs in `keep` are never evicted to make room."""
     cache_dir = getattr(data, "cache_dir", None)
     limit = getattr(data, "cache_limit_gb", None)
+    trust = getattr(data, "trust_unverified", False)
     names = data_names(patterns)
     keep = set(keep) | {n for n in names if is_url(n)}
-    return [fetch(n, cache_dir, limit_gb=limit, keep=keep, log=log).path if is_url(n)
-            else Path(n) for n in names]
+    return [fetch(n, cache_dir, limit_gb=limit, keep=keep, trust_unverified=trust, log=log).path
+            if is_url(n) else Path(n) for n in names]
 
 
 def open_files(patterns: Sequence[str | Path] | str, data: Any) -> list[TokenFile]:
@@ -424,9 +435,10 @@ def _make_room(root: Path, key: str, need: int, limit_gb: float | None, keep: se
 
 def fetch(url: str, cache_dir: str | Path | None = None, *, limit_gb: float | None = None,
           keep: Iterable[str] = (), chunk_bytes: int | None = None, threads: int | None = None,
-          log: Log | None = None) -> Fetched:
+          trust_unverified: bool = False, log: Log | None = None) -> Fetched:
     """The local copy of `url`: the verified cached one, else fetched now (one process per
-    cache fetches, others wait; an interrupted fetch resumes). See the module docstring."""
+    cache fetches, others wait; an interrupted fetch resumes). See the module docstring;
+    `trust_unverified` is data.trust_unverified."""
     root = cache_root(cache_dir)
     key = entry_key(url)
     folder = root / key
@@ -449,7 +461,7 @@ def fetch(url: str, cache_dir: str | Path | None = None, *, limit_gb: float | No
         src = _Http(url) if _is_http(url) else _Fsspec(url)
         side = src.get_small(_sidecar_url(url))
         meta = _kiln_sidecar(side)
-        size, validator, ranges = src.stat()
+        size, validator, ranges, digest = src.stat()
         expect = _sidecar_bytes(meta)
         if expect is not None and size is not None and size != expect:
             raise KilnError(_mismatch(url, size, meta))
@@ -470,15 +482,17 @@ def fetch(url: str, cache_dir: str | Path | None = None, *, limit_gb: float | No
             what = f"{size / 1e6:,.1f} MB" if size is not None else "size unknown"
             log(f"fetching {url} ({what}) into {folder}")
         part = folder / f".{name}.part"
-        downloaded = src.download(part, size, validator, ranges, chunk_bytes or CHUNK_BYTES,
-                                  threads or THREADS)
-        got = part.stat().st_size
+        dl = src.download(part, size, validator, ranges, chunk_bytes or CHUNK_BYTES,
+                          threads or THREADS, digest)
+        downloaded, got = dl.bytes, part.stat().st_size
         if size is not None and got != size:  # never: download() checks every range
             _drop_partial(part)
             raise KilnError(f"'{url}' arrived as {got:,} bytes, not {size:,}; fetch it again")
         if expect is not None and got != expect:
             _drop_partial(part)
             raise KilnError(_mismatch(url, got, meta))
+        _check_whole(url, part, dl, digest, size is not None or expect is not None,
+                     trust_unverified, log)
         # publish: the files under their names, the record last
         if side is not None:
             write_atomic(folder / sidecar_path(name).name, side)
@@ -527,7 +541,106 @@ def _mismatch(url: str, size: int, meta: dict) -> str:
             "damaged or does not belong to its sidecar; it was not used (fix the source)")
 
 
+def _check_whole(url: str, part: Path, dl: _Download, digest: _Digest | None, sized: bool,
+                 trust: bool, log: Log | None) -> None:
+    """Refuse a download not known to be whole (the partial file removed, nothing cached):
+    one whose MD5 is not the server's, or, with no MD5, whose length nothing confirmed (not
+    `sized` by the server or sidecar, no end of stream seen); `trust` accepts the latter and
+    an MD5 that differs from an ETag only (which may be no MD5)."""
+    digest = dl.digest or digest
+    if digest is not None:
+        md5 = dl.md5 or _md5_file(part)
+        if md5 == digest.hex:
+            return
+        if trust and digest.presumed:
+            if log:
+                log(f"{url}: its MD5 is not its ETag; used anyway (data.trust_unverified)")
+            return
+        _drop_partial(part)
+        hint = ("; or, if this store's ETags are no MD5s (S3 objects encrypted with KMS), set "
+                "--data.trust_unverified=true" if digest.presumed else "")
+        raise KilnError(f"'{url}' arrived damaged: its MD5 is {md5} but the server's "
+                        f"{digest.source} says {digest.hex}; it was not cached, fetch it "
+                        f"again{hint}")
+    if sized or dl.ended:
+        return
+    if trust:
+        if log:
+            log(f"{url}: the server sent no length and the stream's end could not be "
+                "confirmed; used unverified (data.trust_unverified)")
+        return
+    _drop_partial(part)
+    raise KilnError(f"'{url}' was not cached: the server sent no length (no Content-Length, "
+                    "no sidecar with its token count, no MD5) and the stream's end could not "
+                    "be confirmed, so a copy cut short would look whole; serve it with a "
+                    "length, or use it unverified with --data.trust_unverified=true")
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while buf := f.read(_PIECE):
+            h.update(buf)
+    return h.hexdigest()
+
+
 # -- transports --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Digest:
+    """The server's MD5 of the whole file, and the header or field that gave it."""
+
+    hex: str
+    source: str
+
+    @property
+    def presumed(self) -> bool:
+        """From an ETag: S3's is the MD5 of a single-part object, but an ETag need not be one."""
+        return self.source.lower() == "etag"
+
+
+def _digest(fields: Any, keys: Sequence[str]) -> _Digest | None:
+    """The MD5 in the first of `keys` in `fields` (response headers or fs.info()) that holds
+    one: 32 hex digits or base64 of 16 bytes (Content-MD5, GCS's md5Hash); an ETag only as a
+    quoted 32-hex one, and not for an S3 object encrypted with KMS or a customer key."""
+    encrypted = bool(str(fields.get("x-amz-server-side-encryption") or "").startswith("aws:kms")
+                     or fields.get("x-amz-server-side-encryption-customer-algorithm"))
+    for key in keys:
+        text = str(fields.get(key) or "").strip()
+        if key.lower() == "etag":
+            m = None if encrypted else _MD5_ETAG.fullmatch(text)
+            md5 = m[1] if m else None
+        elif re.fullmatch(r"[0-9a-fA-F]{32}", text):
+            md5 = text
+        else:
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except ValueError:
+                raw = b""
+            md5 = raw.hex() if len(raw) == 16 else None
+        if md5:
+            return _Digest(md5.lower(), key)
+    return None
+
+
+def _length(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
+
+
+@dataclass
+class _Download:
+    """What one transport's download did."""
+
+    bytes: int
+    """Bytes transferred by this call."""
+    ended: bool = False
+    """The transfer itself saw the file end: a Content-Length it met, or the last (empty)
+    chunk of a chunked body."""
+    digest: _Digest | None = None
+    """The server's MD5 as the streamed response gave it."""
+    md5: str | None = None
+    """The MD5 of the file, computed as it streamed in (None: not computed)."""
 
 
 class _Transient(Exception):
@@ -612,8 +725,9 @@ class _Http:
         return _retrying(f"'{url}' (beside '{self.url}')", get,
                          then="check the server and fetch again")
 
-    def stat(self) -> tuple[int | None, str, bool]:
-        """(size, validator, ranges): Content-Length, ETag/Last-Modified, Accept-Ranges."""
+    def stat(self) -> tuple[int | None, str, bool, _Digest | None]:
+        """(size, validator, ranges, digest): Content-Length, ETag/Last-Modified,
+        Accept-Ranges, Content-MD5 (or an MD5 ETag)."""
         def head():
             try:
                 with self._open(self.url, "HEAD") as r:
@@ -624,15 +738,15 @@ class _Http:
                 raise KilnError(f"'{self.url}': HTTP {e.code} {e.reason}; check data.paths"
                                 ) from None
         h = _retrying(f"'{self.url}'", head, then="check the server and fetch again")
-        size = h.get("Content-Length")
         validator = h.get("ETag") or h.get("Last-Modified") or ""
         ranges = (h.get("Accept-Ranges") or "").lower() == "bytes"
-        return (int(size) if size and size.isdigit() else None), validator, ranges
+        return (_length(h.get("Content-Length")), validator, ranges,
+                _digest(h, ("Content-MD5", "ETag")))
 
     def download(self, part: Path, size: int | None, validator: str, ranges: bool,
-                 chunk: int, threads: int) -> int:
+                 chunk: int, threads: int, digest: _Digest | None) -> _Download:
         if not (ranges and size):
-            return self._stream(part, size, validator)
+            return self._stream(part, size, digest)
         prog = _Progress(part, self.url, size, validator, chunk)
         n_chunks = -(-size // chunk)
         todo = [i for i in range(n_chunks) if i not in prog.done]
@@ -666,7 +780,7 @@ class _Http:
                 pool.shutdown(wait=True, cancel_futures=True)
         finally:
             os.close(fd)
-        return got[0]
+        return _Download(got[0], ended=True)
 
     def _range(self, fd: int, a: int, b: int, size: int) -> int:
         try:
@@ -697,16 +811,25 @@ class _Http:
             raise _Transient(f"connection closed after {pos - a:,} of {b + 1 - a:,} bytes")
         return b + 1 - a
 
-    def _stream(self, part: Path, size: int | None, validator: str) -> int:
-        """One GET from the start (a server without ranges cannot resume)."""
+    def _stream(self, part: Path, size: int | None, digest: _Digest | None) -> _Download:
+        """One GET from the start (a server without ranges cannot resume), hashed as it comes
+        when the server gives an MD5."""
         _drop_partial(part)
 
-        def get() -> int:
+        def get() -> _Download:
             n = 0
             try:
                 with self._open(self.url) as r, open(part, "wb") as f:
+                    length = _length(r.headers.get("Content-Length"))
+                    # http.client raises IncompleteRead when a chunked body lacks its last
+                    # chunk, so reading one to its end confirms the end
+                    chunked = bool(getattr(r, "chunked", False))
+                    said = _digest(r.headers, ("Content-MD5", "ETag")) or digest
+                    h = hashlib.md5() if said else None
                     while buf := r.read(_PIECE):
                         f.write(buf)
+                        if h is not None:
+                            h.update(buf)
                         n += len(buf)
                     f.flush()
                     os.fsync(f.fileno())
@@ -714,9 +837,11 @@ class _Http:
                 raise KilnError(f"'{self.url}': HTTP {e.code} {e.reason}") from None
             except (OSError, http.client.HTTPException) as e:
                 raise _Transient(one_line(e) or type(e).__name__) from None
-            if size is not None and n != size:
-                raise _Transient(f"connection closed after {n:,} of {size:,} bytes")
-            return n
+            want = size if size is not None else length
+            if want is not None and n != want:
+                raise _Transient(f"connection closed after {n:,} of {want:,} bytes")
+            return _Download(n, want is not None or chunked, said,
+                             h.hexdigest() if h is not None else None)
         return _retrying(f"'{self.url}'", get, then="fetch it again (this server sends "
                          "no ranges, so it starts from the beginning)")
 
@@ -735,7 +860,7 @@ class _Fsspec:
         except OSError as e:
             raise KilnError(f"cannot read '{url}' ({one_line(e)})") from None
 
-    def stat(self) -> tuple[int | None, str, bool]:
+    def stat(self) -> tuple[int | None, str, bool, _Digest | None]:
         try:
             info = self.fs.info(self.path)
         except FileNotFoundError:
@@ -748,16 +873,20 @@ class _Fsspec:
         validator = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified",
                                                  "updated", "created") if info.get(k)), "")
         size = info.get("size")
-        return (int(size) if size is not None else None), validator, False
+        return ((int(size) if size is not None else None), validator, False,
+                _digest(info, ("md5", "md5Hash", "ETag", "etag")))
 
     def download(self, part: Path, size: int | None, validator: str, ranges: bool,
-                 chunk: int, threads: int) -> int:
-        """A streamed copy, resumable at the last recorded offset."""
+                 chunk: int, threads: int, digest: _Digest | None) -> _Download:
+        """A streamed copy, resumable at the last recorded offset (hashed as it comes when
+        the store gives an MD5 and the copy starts at 0)."""
         prog = _Progress(part, self.url, size, validator, chunk)
         got = 0
+        h = None
 
         def copy() -> None:
-            nonlocal got
+            nonlocal got, h
+            h = hashlib.md5() if digest and prog.offset == 0 else None
             try:
                 with self.fs.open(self.path, "rb") as src, open(part, "r+b" if part.exists()
                                                                 else "wb") as f:
@@ -767,6 +896,8 @@ class _Fsspec:
                     since = 0
                     while buf := src.read(_PIECE):
                         f.write(buf)
+                        if h is not None:
+                            h.update(buf)
                         got += len(buf)
                         since += len(buf)
                         if since >= chunk:
@@ -784,7 +915,7 @@ class _Fsspec:
             except (OSError, ValueError) as e:
                 raise _Transient(one_line(e) or type(e).__name__) from None
         _retrying(f"'{self.url}'", copy)
-        return got
+        return _Download(got, md5=h.hexdigest() if h is not None else None)
 
 
 # -- kiln data fetch ---------------------------------------------------------------------------
@@ -809,7 +940,8 @@ def fetch_all(data: Any, out: Callable[[str], None] = print) -> list[Fetched]:
             out(f"  {text}")
 
     for url in names:
-        r = fetch(url, data.cache_dir, limit_gb=data.cache_limit_gb, keep=names, log=notes)
+        r = fetch(url, data.cache_dir, limit_gb=data.cache_limit_gb, keep=names,
+                  trust_unverified=data.trust_unverified, log=notes)
         done.append(r)
         if r.cached:
             out(f"cached   {r.bytes / 1e6:>10,.1f} MB {'':>12}  {url}")
