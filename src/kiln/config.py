@@ -229,6 +229,12 @@ class DataConfig:
                               ] = None
     """Most GB (1e9 bytes) the cache may hold: a fetch that would pass it first removes the
     least recently used files this run does not name; None: no limit."""
+    trust_unverified: bool = False
+    """Use a fetched file that cannot be verified: its server sent no length (no
+    Content-Length, no sidecar) and no MD5, and its end of stream could not be confirmed (a
+    body that ends when the connection closes), so it may be cut short; or its MD5 differs
+    from an ETag that is no MD5 (S3 objects encrypted with KMS). Off: such files are refused
+    and nothing is cached."""
     allow_changed: bool = False
     """Resume even though the token files differ from those the checkpoint was trained on
     (their size, first or last MiB, or sidecar): the saved data position then points into
@@ -378,6 +384,11 @@ class CheckpointConfig:
     sharded: bool | Literal["auto"] = "auto"
     """auto: sharded (torch.distributed.checkpoint, all ranks write) with fsdp/hsdp, else one
     unsharded file set written by rank 0. Either kind loads at any world size."""
+    verify_on_load: Literal["full", "size", "off"] = "full"
+    """What a resume or init.from checks of each checkpoint file it reads against the
+    manifest written at save: full: size and SHA-256 (hashed beside the load, ~1.6 GB/s per
+    core with SHA extensions); size: sizes only; off: nothing. A file that differs is refused
+    in one line naming it and the newest checkpoint that passes."""
 
 
 @dataclass
