@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
+
+from kiln.errors import KilnError
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,3 +38,25 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write_synced(tmp, data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def check_writable(folder: Path | str, what: str, fix: str) -> None:
+    """Refuse, in one line, when `folder` cannot be written (or, when it does not exist yet,
+    created): ``cannot write WHAT: PLACE is on a read-only file system; FIX``.
+
+    A real attempt, not os.access alone (root passes every permission check, but a read-only
+    mount refuses even root, with EROFS): an empty folder is made and removed in the nearest
+    folder that exists, so nothing is left behind, and nothing changes where it fails."""
+    folder = Path(folder)
+    place = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not place.is_dir():
+        raise KilnError(f"cannot write {what}: {place} is a file, not a folder; {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kiln-write-test-", dir=place))
+    except OSError as e:
+        why = {errno.EROFS: "on a read-only file system",
+               errno.EACCES: "not writable (permission denied)",
+               errno.EPERM: "not writable (operation not permitted)"}.get(
+                   e.errno, f"not writable ({e.strerror or e})")
+        where = "it" if place == folder else str(place)
+        raise KilnError(f"cannot write {what}: {where} is {why}; {fix}") from None

@@ -41,8 +41,8 @@ from kiln.data.tokens import (
     dtype_for_vocab,
     sidecar_path,
 )
-from kiln.errors import KilnError
-from kiln.files import fsync_dir, write_synced
+from kiln.errors import KilnError, warn
+from kiln.files import check_writable, fsync_dir, write_synced
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 """End-of-text tokens looked up in a tokenizer's vocabulary, first match wins."""
@@ -363,11 +363,18 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging folders of prepares that were killed (their pid no longer runs)."""
-    for d in out.glob(f"{_STAGING}*"):
+    """Remove the staging folders of prepares that were killed (their pid no longer runs on
+    this host; a running prepare's is kept), saying so in one warning line."""
+    removed = []
+    for d in sorted(out.glob(f"{_STAGING}*")):
         pid = d.name.rpartition("-")[2]
         if d.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d.name)
+    if removed:
+        warn(f"removed {len(removed)} staging folder{'s' if len(removed) > 1 else ''} of "
+             f"killed kiln prepare runs from {out}: {', '.join(removed)}")
 
 
 def _crash_point(point: str) -> None:
@@ -451,6 +458,8 @@ def prepare(
                 raise KilnError(f"output '{p}' exists; pass --overwrite or choose another --out")
     if out.is_dir():
         _remove_stale_staging(out)
+    check_writable(out, f"the token files {bin_path.name}, {sidecar_path(bin_path).name} and "
+                   f"{_TOKENIZER_FILE} in {out}", "choose a writable --out")
 
     files = find_inputs(inputs)
     corpus = _Corpus(files, text_field, batch_size)
