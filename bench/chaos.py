@@ -99,7 +99,11 @@ from kiln.errors import KilnError  # noqa: E402
 INTERVAL, KEEP_LAST = 4, 2
 SAVE_PHASES = ("tmp", "model.safetensors", "optim.pt", "rng.pt", "tokenizer.json",
                "manifest.json", "rename", "latest")
-TIMING_KEYS = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu"}
+# fields that measure the machine, not the training: wall-clock times, memory, and the
+# checkpoint's size (its config.yaml names the run's own folder)
+TIMING_KEYS = {"tokens_per_sec", "model_flops_per_sec", "step_time", "mfu", "data_wait",
+               "data_wait_share", "fwd_bwd_time", "optim_time", "peak_mem_mib", "ckpt_mib",
+               "ckpt_save_time"}
 POLL = 0.0005  # seconds between looks at the run's folder
 
 
@@ -245,7 +249,7 @@ def damage(path: Path, run: Path) -> str | None:
     try:
         if not (path / ckpt.MANIFEST).is_file():  # kiln writes it before the folder's rename
             return f"{path.name} has no {ckpt.MANIFEST}"
-        problems = ckpt.manifest_problems(path, checksums=True)
+        problems = ckpt.verify_parts(path, None, "full")
         if problems:
             return (f"{path.name} fails its manifest: "
                     f"{problems[0].replace(str(path) + os.sep, '')[:120]}"

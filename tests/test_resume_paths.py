@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error, kiln, kiln_here, snapshot, write_config
 
@@ -153,3 +154,18 @@ def test_prepare_says_how_many_empty_records_it_skipped(tmp_path):
                "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "Prepared 3 documents (3 empty records skipped)" in out.stdout
+
+
+def test_a_run_started_with_relative_data_paths_resumes_from_anywhere(runs, tmp_path,
+                                                                      monkeypatch):
+    tokens = Path(yaml.safe_load(runs["config"].read_text())["data"]["paths"][0])
+    monkeypatch.chdir(tokens.parent)  # data.paths as a user types them there: tokens.bin
+    config = write_config(tmp_path / "rel.yaml", Path(tokens.name), tmp_path / "run", **OVER)
+    r = kiln_here("train", config, "--trainer.hard_stop=6")
+    assert r.returncode == 0, r.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["paths"] == [str(tokens)]  # stored resolved
+    monkeypatch.chdir("/")
+    r = kiln_here("train", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert_same(weights(tmp_path / "run"), weights(runs["ref"]))

@@ -74,7 +74,7 @@ def test_a_flipped_byte_is_found_by_verify_which_names_the_newest_good_one(run):
     r = kiln_here("checkpoint", "verify", run)
     assert r.returncode == 1
     assert "step3: ok" in r.stdout
-    assert f"step6: FAILS: {f} does not match its SHA-256" in r.stdout
+    assert f"step6: FAILS: {f} differs from the manifest written at save: its SHA-256" in r.stdout
     assert "--resume-from=step3" in r.stdout
     assert kiln_here("checkpoint", "verify", run / "checkpoints" / "step3").returncode == 0
     assert snapshot(run) == before
@@ -86,11 +86,11 @@ def test_a_truncated_latest_is_refused_naming_the_newest_good_one_which_resumes_
     bad.write_bytes(bad.read_bytes() + b"\0" * 10)  # replaced: still a readable zip
     before = snapshot(run)
     r = kiln_here("train", run)
-    assert_one_line_error(r, f"{bad} is", "manifest says", f"kiln train {run} "
-                          "--resume-from=step3")
+    assert_one_line_error(r, f"{bad} differs from the manifest written at save",
+                          f"kiln train {run} --resume-from=step3")
     assert snapshot(run) == before
     r = kiln_here("inspect", run)
-    assert "resumable       no: optim.pt is" in r.stdout and "manifest says" in r.stdout
+    assert "resumable       no: optim.pt differs from the manifest" in r.stdout
     # the route it names: resume from step3; the damaged step6 is kept aside, not deleted
     r = kiln_here("train", run, "--resume-from=step3")
     assert r.returncode == 0, r.stderr
@@ -165,3 +165,93 @@ def test_a_lying_safetensors_header_is_refused_in_one_line(run, how):
                  ["inspect", run], ["train", run]):
         assert_one_line_error(kiln_here(*args), "step6/model.safetensors")
     assert snapshot(run) == before
+
+
+def test_a_checkpoint_without_manifest_resumes_with_a_warning_and_verify_exits_1(run, runs):
+    (run / "checkpoints" / "step6" / "manifest.json").unlink()
+    before = snapshot(run)
+    r = kiln_here("checkpoint", "verify", run)
+    assert r.returncode == 1
+    assert "step3: ok" in r.stdout and "step6: UNVERIFIED: no manifest.json" in r.stdout
+    assert r.stderr.startswith("kiln: error: 1 of 2 checkpoint(s) cannot be verified")
+    assert len(r.stderr.strip().splitlines()) == 1 and snapshot(run) == before
+    r = kiln_here("train", run)  # accepted, saying that it cannot be verified
+    assert r.returncode == 0, r.stderr
+    assert "step6 has no manifest.json" in r.stderr and "cannot be verified" in r.stderr
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+
+
+def test_latest_naming_an_older_checkpoint_is_refused_not_silently_rewound(run, runs):
+    (run / "checkpoints" / "latest").write_text("step3\n")  # written after step6 was saved
+    before = snapshot(run)
+    r = kiln_here("train", run)
+    assert_one_line_error(r, "names step3, but newer complete checkpoints exist (step6)",
+                          f"kiln train {run} --resume-from=step6", "--resume-from=step3")
+    assert snapshot(run) == before
+    # going back on purpose keeps the newer checkpoint aside, never overwrites it
+    step6 = snapshot(run / "checkpoints" / "step6")
+    r = kiln_here("train", run, "--resume-from=step3")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(run / "checkpoints" / "step6-aside-1") == step6
+    assert kiln_here("train", run).returncode == 0  # nothing newer than latest now
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+
+
+def test_a_save_stopped_before_naming_its_checkpoint_resumes_from_that_checkpoint(run, runs):
+    import os
+
+    latest = run / "checkpoints" / "latest"
+    latest.write_text("step3\n")
+    hour_ago = (latest.stat().st_mtime_ns - 3600 * 10**9,) * 2
+    os.utime(latest, ns=hour_ago)  # step6 was renamed into place after latest was written
+    r = kiln_here("train", run)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step6" in r.stderr
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+
+
+def test_a_planted_temporary_link_does_not_block_a_save(run, runs, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("not kiln's")
+    (run / "checkpoints" / ".tmp-step8").symlink_to(target)
+    r = kiln_here("train", run)
+    assert r.returncode == 0, r.stderr
+    assert same_weights(run / "checkpoints" / "step8", runs["whole"] / "checkpoints" / "step8")
+    assert (target / "keep.txt").read_text() == "not kiln's"  # the link was never followed
+
+
+@pytest.mark.parametrize("what", ["a folder", "a dangling link", "a link to /dev/full"])
+def test_a_metrics_file_that_cannot_take_records_is_refused_before_step_1(pydoc_tokens,
+                                                                          tmp_path, what):
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+    if what == "a folder":
+        metrics.mkdir()
+    elif what == "a dangling link":
+        metrics.symlink_to(tmp_path / "gone" / "metrics.jsonl")
+    else:
+        metrics.symlink_to("/dev/full")
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
+                          trainer={"max_duration": 8, "eval_interval": 0})
+    before = sorted(p.name for p in run.iterdir())
+    r = kiln_here("train", config)
+    assert_one_line_error(r, str(metrics))
+    assert sorted(p.name for p in run.iterdir()) == before  # no step trained, nothing saved
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "nested too deep", "not a tokenizer"])
+def test_a_damaged_tokenizer_given_by_hand_is_refused_in_one_line(run, pydoc_tokens, tmp_path,
+                                                                  damage):
+    tok = tmp_path / "tokenizer.json"
+    good = (run / "checkpoints" / "step6" / "tokenizer.json").read_text()
+    tok.write_text({"empty": "", "truncated": good[: len(good) // 2],
+                    "nested too deep": "[" * 100_000 + "]" * 100_000,
+                    "not a tokenizer": '{"vocab": [1, 2]}'}[damage])
+    for args in (["generate", run, "--prompt", "The", "--max-new-tokens", "2"],
+                 ["eval", run, "--data", pydoc_tokens, "--limit", "1", "--no-write"]):
+        assert_one_line_error(kiln_here(*args, "--tokenizer", tok), str(tok),
+                              "--tokenizer PATH")

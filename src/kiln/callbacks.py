@@ -38,13 +38,31 @@ class MetricsFileCallback(Callback):
 
     def __init__(self, path: Path, truncate_after: int | None = None):
         self.path = Path(path)
+        self._f = None
+        self._check_appendable()
         if truncate_after is not None and self.path.is_file():
             try:
                 self._truncate(truncate_after)
             except OSError as e:
                 raise KilnError(f"could not rewrite {self.path} ({e.strerror or e}); free disk "
                                 "space and run again (checkpoints are untouched)") from None
-        self._f = None
+
+    def _check_appendable(self) -> None:
+        """Refuse, before the first step, a metrics path that cannot take records: a folder,
+        a dangling link, a device or pipe (a link to /dev/full), a file that cannot be opened
+        for appending. Opening creates nothing when it fails."""
+        p, fix = self.path, "remove or rename it: kiln keeps its metrics in a regular file there"
+        if p.is_symlink() and not p.exists():
+            raise KilnError(f"{p} is a link to {os.readlink(p)}, which does not exist; {fix}")
+        if p.exists() and not p.is_file():
+            what = "a folder" if p.is_dir() else "not a regular file (a device or pipe)"
+            raise KilnError(f"{p} is {what}; {fix}")
+        try:
+            with open(p, "a"):
+                pass
+        except OSError as e:
+            raise KilnError(f"cannot append to {p} ({e.strerror or e}); {fix}, or free disk "
+                            "space") from None
 
     def _truncate(self, after: int) -> None:
         kept, later, torn = [], 0, []

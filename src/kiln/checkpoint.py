@@ -14,9 +14,11 @@ A checkpoint is written to a hidden temporary folder, every file is fsynced, and
 is renamed into place; ``checkpoints/latest`` then names it. A crash at any moment leaves
 either the old set of checkpoints or the new one, never a half-written ``step{N}``.
 
-Loading checks the size of every tensor file it reads against the manifest (a file truncated
-or replaced later is refused in one line naming it); ``kiln checkpoint verify`` also checks
-every checksum. Checkpoints written before manifests existed load without these checks.
+Every load checks each file it reads against the manifest, size and SHA-256 (``verify``:
+full, size or off; see :func:`verified` and :func:`read_part`): a file truncated, flipped or
+swapped for another run's later is refused in one line naming it and the newest checkpoint
+that passes. ``kiln checkpoint verify`` checks every file. Checkpoints written before
+manifests existed load with a warning that they cannot be verified.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,8 +81,8 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and not missing_parts(path)
+def is_complete(path: Path, need: tuple[str, ...] = REQUIRED) -> bool:
+    return path.is_dir() and not missing_parts(path, need)
 
 
 def is_sharded(path: Path) -> bool:
@@ -91,7 +94,7 @@ def weights_path(path: Path) -> Path:
     return path / (SHARDED if is_sharded(path) else "model.safetensors")
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
+def list_checkpoints(run_dir: str | Path, need: tuple[str, ...] = REQUIRED) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -99,54 +102,73 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and is_complete(p):
+        if m and is_complete(p, need):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
-def missing_parts(path: Path) -> list[str]:
-    """The files a checkpoint folder needs but lacks."""
-    need = list(REQUIRED) + ([] if is_sharded(path) else ["model.safetensors"])
-    return [f for f in need if not (path / f).is_file()]
+def missing_parts(path: Path, need: tuple[str, ...] = REQUIRED) -> list[str]:
+    """The files a checkpoint folder needs (`need` and its weights) but lacks."""
+    want = list(need) + ([] if is_sharded(path) else ["model.safetensors"])
+    return [f for f in want if not (path / f).is_file()]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def _pointer(root: Path) -> str | None:
+    """The folder name `latest` holds; None when it is missing or holds no step name (a
+    garbled pointer, e.g. bytes that are not text, falls back like a missing one)."""
+    try:
+        name = (root / "latest").read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if STEP_DIR.match(name) else None
+
+
+def latest_checkpoint(run_dir: str | Path, need: tuple[str, ...] = REQUIRED) -> Path | None:
     """The checkpoint `latest` names. kiln points `latest` only at complete checkpoints, so a
     damaged one there was damaged afterwards: that is refused rather than silently replaced
-    by an older one. A pointer to a folder that is gone falls back, with a warning, to the
-    newest complete checkpoint."""
+    by an older one. A pointer that is missing, garbled or names a folder that is gone falls
+    back, with a warning, to the newest complete checkpoint. `need` names the files the
+    caller reads besides the weights (a weights-only command needs config.yaml alone)."""
     root = checkpoints_dir(run_dir)
     pointer = root / "latest"
-    found = list_checkpoints(run_dir)
-    if pointer.is_file():
-        name = pointer.read_text().strip()
+    found = list_checkpoints(run_dir, need)
+    name = _pointer(root)
+    if name is not None:
         candidate = root / name
-        if STEP_DIR.match(name) and is_complete(candidate):
+        if is_complete(candidate, need):
             return candidate
-        if STEP_DIR.match(name) and candidate.is_dir():
+        if candidate.is_dir():
             older = (f"; to resume from {found[-1].name}: kiln train {run_dir} "
                      f"--resume-from={found[-1].name}" if found else "")
-            raise KilnError(f"checkpoint {candidate} (named by {pointer}) is damaged: "
-                            f"{', '.join(missing_parts(candidate))} missing{older}")
-        if found:
-            warn(f"{pointer} names {name!r}, which does not exist; using {found[-1]}, the newest "
-                 "complete checkpoint")
+            gone = ", ".join(str(candidate / f) for f in missing_parts(candidate, need))
+            raise KilnError(f"checkpoint {candidate.name} (named by {pointer}) is damaged: "
+                            f"{gone} missing{older}")
+    if found and (pointer.exists() or pointer.is_symlink()):
+        what = f"names {name!r}, which does not exist" if name else "is not a checkpoint name"
+        warn(f"{pointer} {what}; using {found[-1]}, the newest complete checkpoint")
     return found[-1] if found else None
 
 
 STATE_PARTS = ["model.safetensors", "optim.pt", "rng.pt", SHARDED]
 WEIGHT_PARTS = ["model.safetensors", SHARDED]
+META_PARTS = ["trainer.json", "config.yaml"]
 
 
 def step_of(path: Path) -> int:
     return int(STEP_DIR.match(path.name).group(1))
 
 
-def resume_point(run_dir: str | Path, resume_from: str | None = None) -> Path | None:
+def resume_point(run_dir: str | Path, resume_from: str | None = None,
+                 verify: str = "full") -> Path | None:
     """The checkpoint `kiln train RUN_DIR` resumes from: the one `latest` names, or the
     `--resume-from` one. Refused when its weights are not the size the manifest records,
-    offering the newest earlier checkpoint that passes (the optimizer and RNG state are
-    checked when the run loads them, see check_resumable; a plan reads the weights alone)."""
+    offering the newest earlier checkpoint that passes (contents are hashed when the run
+    loads them, see load_into; a plan reads the weights' headers alone).
+
+    A `latest` that names an older checkpoint than the newest complete one is refused (a plain
+    resume would go back and replace the newer ones without a word), unless the newer ones were
+    renamed into place after `latest` was last written: a save killed between its rename and
+    the pointer's update, whose checkpoint is then the one resumed."""
     root = checkpoints_dir(run_dir)
     if resume_from is not None:
         name = resume_from if resume_from.startswith("step") else f"step{resume_from}"
@@ -155,43 +177,65 @@ def resume_point(run_dir: str | Path, resume_from: str | None = None) -> Path | 
             have = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
             raise KilnError(f"--resume-from={resume_from}: {p} is not a complete checkpoint; "
                             f"complete ones in {root}: {have}")
-        problems = manifest_problems(p, WEIGHT_PARTS)
-        if problems:
+        if problems := verify_parts(p, WEIGHT_PARTS, "size" if verify != "off" else "off"):
             raise KilnError(f"--resume-from={resume_from}: {problems[0]}; "
-                            f"{_passing_offer(run_dir, p)}")
+                            f"{passing_offer(p, verify)}")
         return p
     latest = latest_checkpoint(run_dir)
-    if latest is not None and (problems := manifest_problems(latest, WEIGHT_PARTS)):
+    if latest is None:
+        return None
+    newer = [c for c in list_checkpoints(run_dir) if step_of(c) > step_of(latest)]
+    if newer:
+        pointer = root / "latest"
+        if all(c.stat().st_ctime_ns > pointer.stat().st_mtime_ns for c in newer):
+            warn(f"{newer[-1]} was saved after {pointer} was last written (a save stopped "
+                 f"before it named its checkpoint); resuming from {newer[-1].name}")
+            latest = newer[-1]
+        else:
+            raise KilnError(
+                f"{pointer} names {latest.name}, but newer complete checkpoints exist "
+                f"({', '.join(c.name for c in newer)}); a plain resume would go back and replace "
+                f"them: resume from the newest with kiln train {run_dir} "
+                f"--resume-from={newer[-1].name}, or from {latest.name} with "
+                f"--resume-from={latest.name} (the newer ones are then kept aside)")
+    if problems := verify_parts(latest, WEIGHT_PARTS, "size" if verify != "off" else "off"):
         raise KilnError(f"{problems[0]}, so {latest.name} cannot be resumed; "
-                        f"{_passing_offer(run_dir, latest)}")
+                        f"{passing_offer(latest, verify)}")
     return latest
 
 
-def _passing_offer(run_dir: str | Path, bad: Path) -> str:
-    older = [c for c in list_checkpoints(run_dir)
-             if step_of(c) < step_of(bad) and not manifest_problems(c, STATE_PARTS)]
-    if not older:
-        return "no earlier checkpoint passes; restore the file from a copy"
-    return (f"resume from the newest checkpoint that passes: kiln train {run_dir} "
-            f"--resume-from={older[-1].name}")
+def passing_offer(bad: Path, verify: str = "full") -> str:
+    """The way on from a checkpoint that failed verification: the newest earlier checkpoint of
+    its run that passes (checked newest first, in the same `verify` mode) and the command that
+    resumes from it."""
+    if bad.parent.name != "checkpoints" or not STEP_DIR.match(bad.name):
+        return "restore the file from a copy"
+    run_dir = bad.parent.parent
+    for c in reversed(list_checkpoints(run_dir)):
+        if step_of(c) < step_of(bad) and not verify_parts(c, STATE_PARTS + META_PARTS, verify):
+            return (f"the newest checkpoint that passes is {c.name}: kiln train {run_dir} "
+                    f"--resume-from={c.name} resumes from it")
+    return "no earlier checkpoint passes; restore the file from a copy"
 
 
 def rewind_to(run_dir: str | Path, source: Path) -> None:
-    """Make `source` the latest checkpoint (for --resume-from). Newer checkpoint folders that
-    are incomplete or fail their size check are kept aside as stepN-damaged-K (nothing is
-    deleted); newer intact ones stay until this run's saves replace them."""
+    """Make `source` the latest checkpoint (for --resume-from). Every newer checkpoint folder
+    is kept aside, never deleted nor overwritten: as stepN-damaged-K when it is incomplete or
+    fails its size check, else as stepN-aside-K (so a later plain resume does not meet newer
+    checkpoints than `latest`)."""
     root = checkpoints_dir(run_dir)
-    for p in sorted(root.iterdir()):
-        if (STEP_DIR.match(p.name) and p.is_dir() and step_of(p) > step_of(source)
-                and (not is_complete(p) or manifest_problems(p, STATE_PARTS))):
-            aside = _put_aside(p)
-            warn(f"{p} is damaged; kept it as {aside} (resuming from {source.name})")
+    for p in sorted(root.iterdir(), key=lambda p: p.name):
+        if STEP_DIR.match(p.name) and p.is_dir() and step_of(p) > step_of(source):
+            damaged = not is_complete(p) or verify_parts(p, STATE_PARTS, "size")
+            aside = _put_aside(p, "damaged" if damaged else "aside")
+            warn(f"{p} is {'damaged' if damaged else 'newer than ' + source.name}; kept it as "
+                 f"{aside} (resuming from {source.name}; delete it when no longer needed)")
     _point_latest(root, source.name)
 
 
-def _put_aside(p: Path) -> Path:
+def _put_aside(p: Path, why: str = "damaged") -> Path:
     n = 1
-    while (aside := p.with_name(f"{p.name}-damaged-{n}")).exists():
+    while (aside := p.with_name(f"{p.name}-{why}-{n}")).exists():
         n += 1
     os.rename(p, aside)
     return aside
@@ -202,13 +246,22 @@ def _point_latest(root: Path, name: str) -> None:
     fsync_dir(root)
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from either a RUN_DIR (its latest checkpoint) or a checkpoint."""
+WEIGHTS_ONLY = ("config.yaml",)
+"""What a command that reads the weights alone needs besides them (generate, export, eval)."""
+
+
+def resolve(path: str | Path, need: tuple[str, ...] = REQUIRED) -> Path:
+    """A checkpoint folder from either a RUN_DIR (its latest checkpoint) or a checkpoint.
+    `need`: the files the caller reads besides the weights (WEIGHTS_ONLY: config.yaml)."""
     p = Path(path)
-    if is_complete(p):
+    if is_complete(p, need):
         return p
+    if p.is_dir() and STEP_DIR.match(p.name) and not checkpoints_dir(p).is_dir():
+        gone = ", ".join(str(p / f) for f in missing_parts(p, need))
+        raise KilnError(f"checkpoint {p} is damaged: {gone} missing; "
+                        f"{passing_offer(p, 'size')}")
     if p.is_dir():
-        latest = latest_checkpoint(p)
+        latest = latest_checkpoint(p, need)
         if latest is not None:
             return latest
         raise KilnError(f"{str(p)!r} holds no complete checkpoint (no checkpoints/step*/)")
@@ -238,13 +291,22 @@ def temp_dir(run_dir: str | Path, step: int, clean: bool = True) -> Path:
     if clean:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step*"):  # left by a crash in an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
         for gone in root.glob(".del-step*"):  # a crash during retention
-            shutil.rmtree(gone, ignore_errors=True)
+            _remove(gone)
         for old in root.glob(".old-step*"):  # a crash mid-swap: delete only if replaced
             if is_complete(root / old.name[len(".old-"):].rsplit("-", 1)[0]):
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     return root / f".tmp-step{step}"
+
+
+def _remove(p: Path) -> None:
+    """Remove a stale temporary name: a folder with its contents, a file or a link (never
+    followed), so that nothing planted there blocks a save."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_sharded_state(state: dict[str, Any], tmp: Path) -> None:
@@ -428,48 +490,206 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]] | None:
     return files
 
 
-def manifest_problems(path: Path, parts: list[str] | None = None,
-                      checksums: bool = False) -> list[str]:
-    """How `path` differs from its manifest: missing files, other sizes and (with `checksums`)
-    other contents. `parts` limits the check to those files and folders (e.g. "dcp")."""
+# Verifying what is read against the manifest. Every command checks the parts it reads:
+# "full" compares size and SHA-256, "size" the size alone, "off" nothing. Small files are
+# hashed from the bytes the command reads (read once); large ones (weights, optimizer state,
+# shards) in threads beside the load, and nothing loaded is used before they pass.
+
+VERIFY_MODES = ("full", "size", "off")
+
+
+def _selected(files: dict[str, Any], parts: list[str] | None) -> list[str]:
+    return [n for n in files if parts is None or n in parts or n.split("/")[0] in parts]
+
+
+def _warn_unverified(path: Path) -> None:
+    warn(f"{path} has no {MANIFEST} (written by an earlier kiln, or copied without it): its "
+         "files cannot be verified")
+
+
+def _size_problem(path: Path, name: str, entry: dict[str, Any] | None) -> str | None:
+    f = path / name
+    if entry is None:
+        return (f"{f} is not in the manifest written at save (added after it); remove it, or "
+                "restore the checkpoint's own file" if f.is_file() else None)
+    if not f.is_file():
+        return f"{f} is missing (the manifest written at save lists it)"
+    if (size := f.stat().st_size) != entry["bytes"]:
+        return (f"{f} differs from the manifest written at save: {size:,} bytes, not "
+                f"{entry['bytes']:,} (truncated or replaced)")
+    return None
+
+
+def _hash_problem(f: Path, entry: dict[str, Any], digest: str) -> str | None:
+    if digest == entry["sha256"]:
+        return None
+    return (f"{f} differs from the manifest written at save: its SHA-256 is {digest[:12]}..., "
+            f"not {entry['sha256'][:12]}... (changed after it was written)")
+
+
+_ahead: dict[tuple, Any] = {}  # (file, size, mtime, inode) -> Future of its SHA-256
+_pool: list[Any] = []
+
+
+def _file_key(f: Path) -> tuple:
+    st = f.stat()
+    return (str(f), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def hash_ahead(path: Path, parts: list[str], verify: str = "full") -> None:
+    """Start hashing the files of checkpoint `path` named by `parts` now, in background
+    threads (under torch.distributed, this rank's share), so that the hashing overlaps what
+    comes before the load (a run calls this as soon as it knows its checkpoint, before it
+    builds the model); the load's check then takes these digests. A file changed meanwhile is
+    hashed again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if verify != "full":
+        return
+    try:
+        files = read_manifest(path)
+    except KilnError:
+        return  # the load refuses it
+    if not files:
+        return
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-hash"))
+    rank, world = _distributed()
+    for name in _selected(files, parts)[rank::world]:
+        f = path / name
+        if f.is_file():
+            key = _file_key(f)
+            if key not in _ahead:
+                _ahead[key] = _pool[0].submit(sha256_of, f)
+
+
+def _digest(f: Path) -> str:
+    ahead = _ahead.pop(_file_key(f), None)
+    return ahead.result() if ahead is not None else sha256_of(f)
+
+
+def _hash_all(path: Path, files: dict[str, Any], names: list[str]) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:  # hashlib frees the GIL
+        digests = list(pool.map(lambda n: _digest(path / n), names))
+    return [p for n, d in zip(names, digests) if (p := _hash_problem(path / n, files[n], d))]
+
+
+def verify_parts(path: Path, parts: list[str] | None, verify: str = "full") -> list[str]:
+    """How the files of checkpoint `path` named by `parts` (files, or folders such as "dcp";
+    None: every file) differ from its manifest: missing, another size, or (verify="full")
+    other contents. [] for a checkpoint without a manifest (with a one-line warning)."""
+    if verify == "off":
+        return []
     files = read_manifest(path)
     if files is None:
+        _warn_unverified(path)
         return []
-    problems = []
-    for name, entry in files.items():
-        if parts is not None and name not in parts and name.split("/")[0] not in parts:
-            continue
-        f = path / name
-        if not f.is_file():
-            problems.append(f"{f} is missing")
-        elif (size := f.stat().st_size) != entry["bytes"]:
-            problems.append(f"{f} is {size:,} bytes but the manifest says {entry['bytes']:,} "
-                            "(truncated or replaced)")
-        elif checksums and sha256_of(f) != entry["sha256"]:
-            problems.append(f"{f} does not match its SHA-256 in the manifest (changed after "
-                            "it was written)")
-    return problems
+    names = _selected(files, parts)
+    extra = [n for n in parts or [] if n not in files and "/" not in n and n != SHARDED]
+    problems = [p for n in names + extra if (p := _size_problem(path, n, files.get(n)))]
+    if problems or verify != "full":
+        return problems
+    return _hash_all(path, files, names)
 
 
-def check_sizes(path: Path, parts: list[str], fix: str = "") -> None:
-    """Refuse, in one line naming the file, a part of `path` whose size is not the one its
-    manifest records."""
-    problems = manifest_problems(path, parts)
-    if problems:
-        raise KilnError(f"{problems[0]}; " + (fix or "restore it, or load an earlier checkpoint "
-                                              "(kiln checkpoint verify RUN_DIR lists those "
-                                              "that pass)"))
+def add_verify_argument(parser, default: str = "full") -> None:
+    """--verify for a command that reads a checkpoint."""
+    parser.add_argument("--verify", choices=VERIFY_MODES, default=default,
+                        help="check the checkpoint files read against the manifest written at "
+                        f"save: full (size and SHA-256), size, off (default {default})")
+
+
+def refusal(path: Path, problem: str, verify: str = "full") -> KilnError:
+    """A failed part of checkpoint `path`, in one line with the newest checkpoint that passes."""
+    return KilnError(f"{problem}; {passing_offer(path, verify)}")
+
+
+def read_part(path: Path, name: str, verify: str = "full") -> bytes:
+    """The bytes of a small checkpoint file, checked against the manifest as they are read
+    (one read: the hash is taken of these very bytes)."""
+    f = path / name
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise _damaged(f, e.strerror or str(e)) from None
+    if verify == "off":
+        return data
+    files = read_manifest(path)
+    if files is None:
+        _warn_unverified(path)
+        return data
+    problem = _size_problem(path, name, files.get(name))
+    if problem is None and verify == "full":
+        problem = _hash_problem(f, files[name], hashlib.sha256(data).hexdigest())
+    if problem:
+        raise refusal(path, problem, verify)
+    return data
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def verified(path: Path, parts: list[str], verify: str = "full"):
+    """For loading `parts` of checkpoint `path`: sizes are checked first, then the files are
+    hashed in a thread while the body loads them; on exit a difference is refused in one line
+    (also when the body failed: a damaged file explains a failed load best). Under
+    torch.distributed every rank hashes its share of the files and all learn the verdict, so
+    every rank must enter (as every rank loads)."""
+    if verify == "off":
+        yield
+        return
+    files = read_manifest(path)
+    if files is None:
+        _warn_unverified(path)
+        yield
+        return
+    names = _selected(files, parts)
+    if problems := [p for n in names if (p := _size_problem(path, n, files[n]))]:
+        raise refusal(path, problems[0], verify)
+    rank, world = _distributed()
+    found: list[str] = []
+    mine = names[rank::world] if verify == "full" else []
+    worker = threading.Thread(target=lambda: found.extend(_hash_all(path, files, mine)),
+                              name="kiln-verify", daemon=True)
+    worker.start()
+    try:
+        yield
+    except BaseException:
+        worker.join()
+        if found:
+            raise refusal(path, found[0], verify) from None
+        raise
+    worker.join()
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(everyone, found)
+        found = [p for ps in everyone for p in ps]
+    if found:
+        raise refusal(path, found[0], verify)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 
 
-def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_meta(path: Path, verify: str = "full") -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer state, config) of a checkpoint folder, without reading any tensor. Both files
-    are checked (every field kiln reads is there and of its type, the config is a valid kiln
-    config), so a damaged one is refused here in one line that names it."""
-    return read_trainer_state(path / "trainer.json"), read_config_dict(path / "config.yaml")
+    are checked against the manifest and field by field (every field kiln reads is there and
+    of its type, the config is a valid kiln config), so a damaged or swapped one is refused
+    here in one line that names it."""
+    return read_trainer_state(path, verify), read_config_dict(path, verify)
 
 
 def _damaged(f: Path, what: str) -> KilnError:
@@ -477,16 +697,16 @@ def _damaged(f: Path, what: str) -> KilnError:
                      "earlier checkpoint")
 
 
-def read_trainer_state(f: Path) -> dict[str, Any]:
-    """A checkpoint's trainer.json, checked field by field."""
+def read_trainer_state(path: Path, verify: str = "full") -> dict[str, Any]:
+    """A checkpoint's trainer.json, checked against the manifest and field by field; its step
+    must be the folder's (stepN)."""
     from kiln.schedule import LRSchedule
 
+    f = path / "trainer.json"
     try:
-        state = json.loads(f.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise _damaged(f, e.strerror or str(e)) from None
+        state = json.loads(read_part(path, "trainer.json", verify).decode("utf-8"))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise _damaged(f, f"not valid JSON: {one_line(e)}") from None
+        raise _damaged(f, f"not valid JSON: {one_line(e)[:100]}") from None
     if not isinstance(state, dict):
         raise _damaged(f, "not a JSON object")
 
@@ -499,6 +719,9 @@ def read_trainer_state(f: Path) -> dict[str, Any]:
         v = need(state, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise _damaged(f, f"{key!r} is {v!r}, not a count")
+    if STEP_DIR.match(path.name) and state["step"] != step_of(path):
+        raise _damaged(f, f"it is the state of step {state['step']}, in folder {path.name}; "
+                       "it comes from another checkpoint")
     data = need(state, "data")
     if not isinstance(data, dict):
         raise _damaged(f, "'data' is not an object")
@@ -525,14 +748,14 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def read_config_dict(f: Path) -> dict[str, Any]:
-    """A checkpoint's config.yaml as a dict, refused unless it is a valid kiln config."""
+def read_config_dict(path: Path, verify: str = "full") -> dict[str, Any]:
+    """A checkpoint's config.yaml as a dict, checked against the manifest and refused unless
+    it is a valid kiln config."""
     from kiln.config import config_from_dict, load_yaml_text
 
+    f = path / "config.yaml"
     try:
-        text = f.read_text(encoding="utf-8")
-    except OSError as e:
-        raise _damaged(f, e.strerror or str(e)) from None
+        text = read_part(path, "config.yaml", verify).decode("utf-8")
     except UnicodeDecodeError:
         raise _damaged(f, "not text") from None
     raw = load_yaml_text(text, f)
@@ -545,13 +768,28 @@ def read_config_dict(f: Path) -> dict[str, Any]:
     return raw
 
 
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the stored weights, read from file headers only."""
+def read_tokenizer(path: Path, verify: str = "full"):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`, checked against the
+    manifest; one line when it is missing, swapped or damaged."""
+    from kiln.data.tokenizers import load_tokenizer
+
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        raise KilnError(f"{f} is missing; pass the tokenizer the model was trained with: "
+                        "--tokenizer PATH")
+    return load_tokenizer(f, read_part(path, "tokenizer.json", verify))
+
+
+def tensor_shapes(path: Path, verify: str = "full") -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the stored weights, read from file headers only (the weights'
+    sizes are checked against the manifest; their contents are hashed when they are loaded)."""
+    if problems := verify_parts(path, WEIGHT_PARTS, "size" if verify != "off" else "off"):
+        raise refusal(path, problems[0], verify)
     if is_sharded(path):
         meta = read_dcp_metadata(path / SHARDED).state_dict_metadata
         shapes = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
                   if k.startswith("model.") and hasattr(v, "size")}
-        config = read_config_dict(path / "config.yaml")
+        config = read_config_dict(path, verify)
         if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
             shapes.pop("lm_head.weight", None)
         return shapes
@@ -563,32 +801,47 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                         "damaged") from None
 
 
-def read_sharded_full(path: Path) -> dict[str, Any]:
+def read_sharded_full(path: Path, verify: str = "full") -> dict[str, Any]:
     """{"model": full tensors, "optim": ...} of a sharded checkpoint folder, in one process."""
-    state = dcp_load_full(path / SHARDED)
+    with verified(path, [SHARDED], verify):
+        state = dcp_load_full(path / SHARDED)
     if not isinstance(state.get("model"), dict):
         raise KilnError(f"sharded checkpoint {path} holds no model state; it is damaged")
     return state
 
 
-def load(path: str | Path, *, with_optim: bool = True, with_rng: bool = False) -> Checkpoint:
-    """Read a checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest); the trainer
-    state, optimizer and RNG state only `with_optim` (what needs the weights alone reads the
-    weights and config.yaml alone, so a damaged trainer.json or optim.pt does not stop it)."""
-    p = resolve(path)
-    check_sizes(p, ["model.safetensors"] + ["optim.pt"] * with_optim + ["rng.pt"] * with_rng)
-    try:
-        model = load_file(str(p / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise KilnError(f"cannot read {p / 'model.safetensors'}: {one_line(e)}; the file is "
-                        "damaged") from None
-    config = read_config_dict(p / "config.yaml")
-    trainer = read_trainer_state(p / "trainer.json") if with_optim else {}
-    optim = rng = None
-    if with_optim and (p / "optim.pt").is_file():
-        optim = load_pt(p / "optim.pt")
+def read_weights(path: Path, verify: str = "full") -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint folder of either format, verified as they load."""
+    if is_sharded(path):
+        return read_sharded_full(path, verify)["model"]
+    with verified(path, ["model.safetensors"], verify):
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise KilnError(f"cannot read {path / 'model.safetensors'}: {one_line(e)}; the file "
+                            "is damaged") from None
+
+
+def load(path: str | Path, *, with_optim: bool = True, with_rng: bool = False,
+         verify: str = "full") -> Checkpoint:
+    """Read an unsharded checkpoint (a checkpoint folder, or a RUN_DIR meaning its latest);
+    the trainer state, optimizer and RNG state only `with_optim` (what needs the weights alone
+    reads the weights and config.yaml alone, so a damaged trainer.json or optim.pt does not
+    stop it). Every part read is verified against the manifest."""
+    p = resolve(path, REQUIRED if with_optim else WEIGHTS_ONLY)
+    config = read_config_dict(p, verify)
+    trainer = read_trainer_state(p, verify) if with_optim else {}
+    rng = None
     if with_rng and (p / "rng.pt").is_file():
-        rng = load_pt(p / "rng.pt")
+        rng = load_pt(p / "rng.pt", data=read_part(p, "rng.pt", verify))
+    with_optim = with_optim and (p / "optim.pt").is_file()
+    with verified(p, ["model.safetensors"] + ["optim.pt"] * with_optim, verify):
+        try:
+            model = load_file(str(p / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise KilnError(f"cannot read {p / 'model.safetensors'}: {one_line(e)}; the file "
+                            "is damaged") from None
+        optim = load_pt(p / "optim.pt") if with_optim else None
     return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
 
 
@@ -664,10 +917,12 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-              tied: bool) -> None:
+              tied: bool, verify: str = "full") -> None:
     """Load a checkpoint's weights (and optimizer state if `optimizer`) into `model`, whatever
     the checkpoint's format (unsharded or sharded) and the model's (plain or sharded, any
-    world size): torch.distributed.checkpoint reshards as needed."""
+    world size): torch.distributed.checkpoint reshards as needed. The files read are verified
+    against the manifest while they load (`verify`); under torch.distributed every rank must
+    call this."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -675,16 +930,16 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     )
 
     if is_sharded(path):
-        check_sizes(path, [SHARDED])
         state = sharded_state(model, optimizer)
-        dcp_load(state, path / SHARDED)
+        with verified(path, [SHARDED], verify):
+            dcp_load(state, path / SHARDED)
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
         return
-    c = load(path, with_optim=optimizer is not None)
+    c = load(path, with_optim=optimizer is not None, verify=verify)
     msd = dict(c.model)
     if (tied and "lm_head.weight" in msd and "embed.weight" in msd
             and torch.equal(msd["lm_head.weight"], msd["embed.weight"])):
@@ -707,8 +962,9 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         raise KilnError(f"optimizer state in {path} does not fit this model: {e}") from e
 
 
-def check_resumable(path: Path, run_dir: Path) -> None:
-    """Refuse to resume from a checkpoint that lacks a part an exact resume needs."""
+def check_resumable(path: Path, run_dir: Path, verify: str = "full") -> None:
+    """Refuse to resume from a checkpoint that lacks a part an exact resume needs, or whose
+    parts differ in size from its manifest (contents are hashed as they load)."""
     gone = [n for n in resume_parts(path) if not (path / n).is_file()]
     if gone:
         f = path / gone[0]
@@ -718,10 +974,9 @@ def check_resumable(path: Path, run_dir: Path) -> None:
             f"start a new run from its weights: kiln train {run_dir} "
             f"--trainer.run_dir=NEW_DIR --init.from={path}{fresh}"
         )
-    problems = manifest_problems(path, STATE_PARTS)
-    if problems:
+    if problems := verify_parts(path, STATE_PARTS, "size" if verify != "off" else "off"):
         raise KilnError(f"{problems[0]}, so {path.name} cannot be resumed; "
-                        f"{_passing_offer(run_dir, path)}")
+                        f"{passing_offer(path, verify)}")
 
 
 def resume_parts(path: Path) -> list[str]:
@@ -730,9 +985,9 @@ def resume_parts(path: Path) -> list[str]:
     return ["optim.pt", "rng.pt"] if not is_sharded(path) else ["rng.pt"]
 
 
-def resume_problems(path: Path) -> list[str]:
-    """Cheap reasons (no tensor read) why `path` cannot be resumed exactly: parts that are
-    missing, or torch files whose archive is truncated."""
+def resume_problems(path: Path, verify: str = "full") -> list[str]:
+    """Reasons (no tensor read) why `path` cannot be resumed exactly: parts that are missing,
+    torch files whose archive is truncated, files that differ from the manifest."""
     import zipfile
 
     problems = []
@@ -747,7 +1002,7 @@ def resume_problems(path: Path) -> list[str]:
         except (zipfile.BadZipFile, OSError) as e:
             problems.append(f"{name} is damaged ({one_line(e)[:60]})")
     try:
-        sizes = manifest_problems(path, STATE_PARTS)
+        sizes = verify_parts(path, STATE_PARTS, verify)
     except KilnError:
         return [*problems, f"{MANIFEST} is damaged"]
     named = " ".join(problems)
@@ -772,17 +1027,25 @@ def check_optim_state(osd: Any, model: torch.nn.Module, where: Path) -> None:
                         "from these weights with a fresh optimizer (init.load_optimizer=false)")
 
 
-def unshard(src: str | Path, out: str | Path) -> Path:
-    """Turn a sharded checkpoint into the unsharded format (a complete checkpoint folder)."""
+def unshard(src: str | Path, out: str | Path, verify: str = "full") -> Path:
+    """Turn a sharded checkpoint into the unsharded format (a complete checkpoint folder).
+    Every file it carries over is verified first: the new manifest must not vouch for a
+    damaged part."""
     src = resolve(src)
     out = Path(out)
     if not is_sharded(src):
         raise KilnError(f"{src} is not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists():
         raise KilnError(f"{out} exists; choose a new output folder")
-    trainer, config = read_meta(src)
-    check_sizes(src, [SHARDED])
-    state = read_sharded_full(src)
+    trainer, config = read_meta(src, verify)
+    listed = (read_manifest(src) or {}) if verify != "off" else {}
+    small = {}
+    for name in ("trainer.json", "config.yaml", "rng.pt", "tokenizer.json"):
+        if (src / name).is_file():
+            small[name] = read_part(src, name, verify)
+        elif name in listed:  # carried over whole, or not at all
+            raise refusal(src, _size_problem(src, name, listed[name]), verify)
+    state = read_sharded_full(src, verify)
     if config.get("model", {}).get("tie_embeddings"):  # stored under both names there
         state["model"].pop("lm_head.weight", None)
     with staged_folder(out) as staging:
@@ -790,9 +1053,8 @@ def unshard(src: str | Path, out: str | Path) -> Path:
                   metadata={"format": "pt"})
         if "optim" in state:
             torch.save(state["optim"], staging / "optim.pt")
-        for name in ("trainer.json", "config.yaml", "rng.pt", "tokenizer.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
+        for name, data in small.items():
+            (staging / name).write_bytes(data)
         write_manifest(staging, int(trainer["step"]))
     return out
 

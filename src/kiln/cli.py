@@ -36,13 +36,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_checkpoint(args: argparse.Namespace, _: list[str]) -> int:
     from kiln import checkpoint as ckpt
 
-    out = ckpt.unshard(args.src, args.out)
+    out = ckpt.unshard(args.src, args.out, args.verify)
     print(f"wrote unsharded checkpoint {out}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
-    """Exit 0 when every checkpoint checked passes, 1 when one fails."""
+    """Exit 0 when every checkpoint checked passes; 1 when one fails or has no manifest to
+    check against (a line per checkpoint on stdout, the verdict as a kiln: error line)."""
     from kiln import checkpoint as ckpt
 
     target = Path(args.target)
@@ -52,37 +53,51 @@ def cmd_verify(args: argparse.Namespace, _: list[str]) -> int:
     elif root.is_dir():
         folders = sorted((p for p in root.iterdir() if ckpt.STEP_DIR.match(p.name) and
                           p.is_dir()), key=ckpt.step_of)
-    elif (target / "trainer.json").is_file():  # a checkpoint folder under another name
-        folders = [target]
+    elif (target / "trainer.json").is_file() or (target / ckpt.MANIFEST).is_file():
+        folders = [target]  # a checkpoint folder under another name
     else:
         raise KilnError(f"{str(target)!r} is neither a run directory with checkpoints nor a "
                         "checkpoint folder")
-    passing, failed = [], 0
+    passing, failed, unverified = [], [], []
     for folder in folders:
+        if not (folder / ckpt.MANIFEST).is_file():
+            unverified.append(folder)
+            print(f"{folder.name}: UNVERIFIED: no {ckpt.MANIFEST} (written by an earlier kiln, "
+                  "or copied without it): its files cannot be checked")
+            continue
         try:
-            problems = [f"{folder / f} is missing" for f in ckpt.missing_parts(folder)]
-            problems += ckpt.manifest_problems(folder, checksums=True)
+            problems = ckpt.verify_parts(folder, None, "full")
         except KilnError as e:  # a damaged manifest
             problems = [str(e)]
-        has_manifest = (folder / ckpt.MANIFEST).is_file()
+        problems += [f"{folder / f} is missing" for f in ckpt.missing_parts(folder)
+                     if not any(f"{folder / f} " in p for p in problems)]
         if problems:
-            failed += 1
+            failed.append(folder)
             print(f"{folder.name}: FAILS: {problems[0]}"
                   + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        elif has_manifest:
+        else:
             passing.append(folder)
             n = len(ckpt.read_manifest(folder))
             print(f"{folder.name}: ok ({n} files, sizes and SHA-256 match the manifest)")
-        else:
-            passing.append(folder)
-            print(f"{folder.name}: no manifest (written by an earlier kiln): only its parts "
-                  "were checked")
     if not folders:
         print(f"no checkpoints in {root}")
-    if failed and passing and root.is_dir() and len(folders) > 1:
+    if not failed and not unverified:
+        return 0
+    if passing and root.is_dir() and len(folders) > 1:
         print(f"newest that passes: {passing[-1].name} (kiln train {target} "
               f"--resume-from={passing[-1].name})")
-    return 1 if failed else 0
+    bad = failed + unverified
+    what = ("fail verification" if not unverified else
+            "cannot be verified (no manifest)" if not failed else
+            "fail verification or cannot be verified")
+    raise VerifyFailed(f"{len(bad)} of {len(folders)} checkpoint(s) {what}: "
+                       f"{', '.join(f.name for f in bad)}")
+
+
+class VerifyFailed(KilnError):
+    """kiln checkpoint verify found a checkpoint that fails: exit 1 (not 2, bad input)."""
+
+    exit_code = 1
 
 
 def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None) -> int:
@@ -147,7 +162,7 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if target.is_dir() and not (target / "config.yaml").is_file() or ckpt.is_complete(target):
         # a bare checkpoint folder: show what it stored
-        trainer, _ = ckpt.read_meta(ckpt.resolve(target))
+        trainer = ckpt.read_trainer_state(ckpt.resolve(target))
         schedule, current = LRSchedule.from_state(trainer["schedule"]), int(trainer["step"])
         out_default, notes = target / "lr.png", []
     else:
@@ -156,14 +171,22 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
         schedule, notes = plan.schedule, plan.notes
         current = plan.step if plan.kind != "new" else None
         out_default = Path(cfg.trainer.run_dir) / "plots" / "lr.png"
+    out = Path(args.out) if args.out else out_default
+    if args.no_write and args.out:
+        raise KilnError("--no-write writes no PNG and --out names one: pass one of them")
+    if not args.no_write:  # refused before anything is printed
+        from kiln.files import check_writable
+
+        check_writable(out.parent, f"the LR plot {out}", "pass --no-write to print the table "
+                       "without the PNG, or --out PATH to write it elsewhere")
     for note in notes:
         print(note)
     print(f"{'step':>10}  lr")
     for s in schedule.key_steps(current):
         mark = "  <- now" if current is not None and s == current else ""
         print(f"{s:>10,}  {schedule.lr(s):.4g}{mark}")
-    out = plot_schedule(schedule, Path(args.out) if args.out else out_default, current=current)
-    print(f"wrote {out}")
+    if not args.no_write:
+        print(f"wrote {plot_schedule(schedule, out, current=current)}")
     return 0
 
 
@@ -173,23 +196,23 @@ def cmd_schedule(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
     import torch
-    from tokenizers import Tokenizer
 
     from kiln import checkpoint as ckpt
     from kiln.config import config_from_dict
     from kiln.generate import generate
     from kiln.model import Transformer
 
-    path = ckpt.resolve(args.checkpoint)
-    cfg = config_from_dict(ckpt.read_config_dict(path / "config.yaml"))  # weights need no more
-    tok_path = Path(args.tokenizer) if args.tokenizer else path / "tokenizer.json"
-    if not tok_path.is_file():
-        raise KilnError(f"{tok_path} is missing; pass the tokenizer the model was trained "
-                        "with: --tokenizer PATH")
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    path = ckpt.resolve(args.checkpoint, ckpt.WEIGHTS_ONLY)  # weights need no more
+    cfg = config_from_dict(ckpt.read_config_dict(path, args.verify))
+    if args.tokenizer:
+        from kiln.data.tokenizers import load_tokenizer, resolve_tokenizer
+
+        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer))
+    else:
+        tokenizer = ckpt.read_tokenizer(path, args.verify)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer(cfg.model)
-    ckpt.load_into(path, model, None, tied=cfg.model.tie_embeddings)  # either format
+    ckpt.load_into(path, model, None, tied=cfg.model.tie_embeddings, verify=args.verify)
     model.to(device).eval()
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
@@ -224,11 +247,13 @@ def cmd_inspect(args: argparse.Namespace, _: list[str]) -> int:
         from kiln.start import check_model_shape
 
         path = ckpt.resolve(p)
-        trainer, raw_config = ckpt.read_meta(path)
+        trainer, raw_config = ckpt.read_meta(path, args.verify)
         cfg = config_from_dict(raw_config)
-        check_model_shape(cfg, path)  # the weights must be the config's model (headers only)
+        check_model_shape(cfg, path, args.verify)  # the config's model (headers only)
+        if problems := ckpt.verify_parts(path, ckpt.WEIGHT_PARTS, args.verify):
+            raise ckpt.refusal(path, problems[0], args.verify)  # the weights' contents too
         n_params = sum(math.prod(s) for s in ckpt.tensor_shapes(path).values())
-        problems = ckpt.resume_problems(path)
+        problems = ckpt.resume_problems(path, args.verify)
         kind = "sharded (torch.distributed.checkpoint)" if ckpt.is_sharded(path) else "unsharded"
         print(f"checkpoint      {path} ({kind})")
         print(f"step            {trainer['step']:,}")
@@ -329,6 +354,8 @@ def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kiln import checkpoint as ckpt
+
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preview `kiln train RUN_DIR --extend-to=END`")
     p.add_argument("--extend-shape", choices=["cosine", "linear"], default="cosine")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/plots/lr.png)")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the table only; write no PNG (a run on a read-only mount needs it)")
     p.set_defaults(func=cmd_schedule, overrides=True)
 
     p = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet into token files")
@@ -381,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--device", default=None)
+    ckpt.add_verify_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="describe a token file, checkpoint or run directory")
@@ -388,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["uint16", "uint32"], default=None,
                    help="element type of a raw headerless token file")
     p.add_argument("--show", type=int, default=32, help="token ids to show")
+    ckpt.add_verify_argument(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="export a checkpoint to another format")
@@ -417,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("unshard", help="turn a sharded checkpoint into the unsharded format")
     q.add_argument("src", help="sharded checkpoint folder (or a run directory: its latest)")
     q.add_argument("out", help="new folder for the unsharded checkpoint")
+    ckpt.add_verify_argument(q)
     q.set_defaults(func=cmd_checkpoint)
     q = csub.add_parser("verify", help="check every file of a checkpoint (or of every "
                         "checkpoint of a run) against its manifest: sizes and SHA-256")
@@ -494,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"kiln: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130

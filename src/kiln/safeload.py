@@ -42,13 +42,13 @@ def _forbidden_global(e: BaseException) -> str:
 
 
 def load_pt(path: str | Path, extra_globals: list[tuple[Any, str]] | None = None,
-            mmap: bool = False) -> Any:
+            mmap: bool = False, data: bytes | None = None) -> Any:
     """torch.load(path, weights_only=True) with one-line errors naming the file.
 
     `extra_globals` are (object, pickled name) pairs allowed beside tensors and plain values;
-    each must be a plain data type."""
+    each must be a plain data type. `data`: the file's bytes, already read (and verified)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise KilnError(f"{path} does not exist")
     ctx = (torch.serialization.safe_globals(extra_globals) if extra_globals else
            contextlib.nullcontext())
@@ -61,7 +61,8 @@ def load_pt(path: str | Path, extra_globals: list[tuple[Any, str]] | None = None
                 except RuntimeError as e:
                     if "mmap" not in str(e):
                         raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            source = io.BytesIO(data) if data is not None else path
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise KilnError(f"{path} holds {_forbidden_global(e)}, which kiln does not "
                         "unpickle (it loads tensors and plain values only); the file is not "

@@ -83,13 +83,13 @@ def _data_files(data) -> list[str]:
     return out
 
 
-def check_model_shape(cfg: Config, source: Path) -> None:
+def check_model_shape(cfg: Config, source: Path, verify: str = "full") -> None:
     """Refuse a checkpoint whose tensors do not fit cfg.model, naming the first mismatch."""
     from kiln.model import Transformer
 
     with torch.device("meta"):
         expected = Transformer(cfg.model).state_dict()
-    ckpt.check_shapes(ckpt.tensor_shapes(source), expected, ckpt.weights_path(source),
+    ckpt.check_shapes(ckpt.tensor_shapes(source, verify), expected, ckpt.weights_path(source),
                       tied=cfg.model.tie_embeddings)
 
 
@@ -115,13 +115,14 @@ def plan_start(cfg: Config, extend_to: Duration | None = None,
 def _plan_start(cfg: Config, extend_to: Duration | None, extend_shape: str,
                 resume_from: str | None) -> StartPlan:
     n = run_numbers(cfg)
-    latest = ckpt.resume_point(cfg.trainer.run_dir, resume_from)
+    latest = ckpt.resume_point(cfg.trainer.run_dir, resume_from,
+                               cfg.checkpoint.verify_on_load)
     if latest is not None:
         plan = _plan_resume(cfg, latest, extend_to, extend_shape)
         if resume_from is not None:
             plan.notes.append(f"--resume-from={resume_from}: checkpoints after {latest.name} "
-                              "that fail verification are kept aside, intact ones are replaced "
-                              "as this run reaches their steps")
+                              "are kept aside, not replaced (stepN-aside-K, or stepN-damaged-K "
+                              "when they fail verification)")
         return plan
     if extend_to is not None:
         raise KilnError(f"--extend-to needs a run to extend, but {cfg.trainer.run_dir!r} has no "
@@ -136,9 +137,10 @@ def _plan_start(cfg: Config, extend_to: Duration | None, extend_shape: str,
 
 def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
                  extend_shape: str) -> StartPlan:
-    trainer, saved_raw = ckpt.read_meta(latest)
+    verify = cfg.checkpoint.verify_on_load
+    trainer, saved_raw = ckpt.read_meta(latest, verify)
     saved = config_from_dict(saved_raw)
-    check_model_shape(cfg, latest)
+    check_model_shape(cfg, latest, verify)
     step, tokens = int(trainer["step"]), int(trainer["tokens_seen"])
     schedule = LRSchedule.from_state(trainer["schedule"])
     total = int(trainer["total_steps"])
@@ -225,10 +227,11 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
 
 def _plan_init(cfg: Config) -> StartPlan:
     init = cfg.init
+    verify = cfg.checkpoint.verify_on_load
     source = ckpt.resolve(init.from_)
-    trainer, src_raw = ckpt.read_meta(source)
+    trainer, src_raw = ckpt.read_meta(source, verify)
     src = config_from_dict(src_raw)
-    check_model_shape(cfg, source)
+    check_model_shape(cfg, source, verify)
     src_step, src_tokens = int(trainer["step"]), int(trainer["tokens_seen"])
     n = run_numbers(cfg)
     notes = [f"start: a new run from {source} (step {src_step:,} of its run)",

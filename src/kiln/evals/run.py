@@ -6,6 +6,8 @@
 
 Results are printed as a table and written to ``RUN/eval/step{N}.json`` (a Hugging Face folder:
 ``HF_DIR/eval/hf.json``); a later evaluation of the same checkpoint adds its tasks to the file.
+A place that cannot be written (a read-only mount) is refused before the evaluation, naming
+``--no-write`` (print only).
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ def _is_hf_folder(p: Path) -> bool:
     return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
 
 
-def load_model(target: str, tokenizer: str | None = None, device: str | None = None) -> Loaded:
+def load_model(target: str, tokenizer: str | None = None, device: str | None = None,
+               verify: str = "full") -> Loaded:
     """The model and tokenizer of a run directory, kiln checkpoint (either format) or Hugging
-    Face folder. Everything is checked before anything is written."""
+    Face folder. Everything is checked before anything is written; a kiln checkpoint's files
+    against its manifest (`verify`)."""
     import torch
-    from tokenizers import Tokenizer
 
     from kiln import checkpoint as ckpt
     from kiln.config import config_from_dict
-    from kiln.data.tokenizers import resolve_tokenizer
+    from kiln.data.tokenizers import load_tokenizer, resolve_tokenizer
     from kiln.model import Transformer
 
     p = Path(target)
@@ -56,17 +59,20 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
         mc, state = load_hf(p)
         step, out, seq_len, eos = 0, p / "eval" / "hf.json", mc.max_seq_len, None
     else:
-        p = ckpt.resolve(target)
-        cfg = config_from_dict(ckpt.read_config_dict(p / "config.yaml"))
+        p = ckpt.resolve(target, ckpt.WEIGHTS_ONLY)
+        cfg = config_from_dict(ckpt.read_config_dict(p, verify))
         mc, state, seq_len, eos = cfg.model, None, cfg.data.seq_len, cfg.data.eos_token_id
         step = ckpt.step_of(p) if p.name.startswith("step") else 0
         run = p.parent.parent if p.parent.name == "checkpoints" else p
         out = run / "eval" / f"step{step}.json"
     tok_path = resolve_tokenizer(tokenizer) if tokenizer else p / "tokenizer.json"
-    if not tok_path.is_file():
-        raise KilnError(f"{p} has no tokenizer.json; pass the tokenizer the model was trained "
-                        "with: --tokenizer PATH")
-    tok = Tokenizer.from_file(str(tok_path))
+    if tokenizer or state is not None:
+        if not tok_path.is_file():
+            raise KilnError(f"{p} has no tokenizer.json; pass the tokenizer the model was "
+                            "trained with: --tokenizer PATH")
+        tok = load_tokenizer(tok_path)
+    else:
+        tok = ckpt.read_tokenizer(p, verify)
     if tok.get_vocab_size() > mc.padded_vocab_size:
         raise KilnError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the model "
                         f"only {mc.padded_vocab_size}; pass the model's own tokenizer")
@@ -77,7 +83,7 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
             state.setdefault("lm_head.weight", state["embed.weight"])
         model.load_state_dict(state)  # load_hf checked every tensor's shape
     else:
-        ckpt.load_into(p, model, None, tied=mc.tie_embeddings)
+        ckpt.load_into(p, model, None, tied=mc.tie_embeddings, verify=verify)
     for name in EOS_NAMES:
         if eos is None and tok.token_to_id(name) is not None:
             eos = tok.token_to_id(name)
@@ -163,7 +169,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-path", default=None,
                    help="folder of extra lm-eval task YAMLs for --harness (local data)")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
-    p.add_argument("--no-write", action="store_true", help="print only; write no JSON")
+    from kiln.checkpoint import add_verify_argument
+
+    add_verify_argument(p)
+    p.add_argument("--no-write", action="store_true",
+                   help="print only; write no eval/ JSON (a run on a read-only mount needs it)")
 
 
 def run_eval(args: argparse.Namespace, *_: Any) -> int:
@@ -199,7 +209,12 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
 
     from kiln.evals.score import evaluate_tasks, model_forward
 
-    loaded = load_model(args.target, args.tokenizer, args.device)
+    loaded = load_model(args.target, args.tokenizer, args.device, args.verify)
+    if not args.no_write:  # refused before the evaluation, not after it
+        from kiln.files import check_writable
+
+        check_writable(loaded.out.parent, f"the results {loaded.out}",
+                       "pass --no-write to print them without writing a file")
     model = loaded.model
     dev = model.embed.weight.device
     bf16 = args.dtype == "bf16" or (args.dtype is None and dev.type == "cuda")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Config, DataConfig, ModelConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, warn
 
 if TYPE_CHECKING:  # torch is imported where it is used: `kiln --help` stays fast
     import torch
@@ -325,21 +325,6 @@ def tensor_layout(model_cfg: ModelConfig, arch: str) -> list[tuple[str, str, tup
 # Export
 
 
-def _read_kiln_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from kiln import checkpoint as ckpt
-
-    if ckpt.is_sharded(path):
-        return ckpt.read_sharded_full(path)["model"]
-    try:
-        return load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise KilnError(f"cannot read {path / 'model.safetensors'}: {_one_line(e)}; the file "
-                        "is damaged") from e
-
-
 def _kiln_to_hf_state(state: dict[str, torch.Tensor], mc: ModelConfig, arch: str,
                       where: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -415,17 +400,10 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
     return names + ["model.safetensors.index.json"]
 
 
-def _special_tokens(tok_path: Path | None, eos_id: int | None, vocab: int
+def _special_tokens(tok, eos_id: int | None, vocab: int
                     ) -> dict[str, tuple[str | None, int | None]]:
-    """{"eos"|"bos"|"pad": (token string or None, id or None)}."""
-    tok = None
-    if tok_path is not None:
-        from tokenizers import Tokenizer
-
-        try:
-            tok = Tokenizer.from_file(str(tok_path))
-        except Exception as e:
-            raise KilnError(f"cannot read tokenizer {tok_path}: {_one_line(e)}") from e
+    """{"eos"|"bos"|"pad": (token string or None, id or None)} from a `tokenizers.Tokenizer`
+    (or None)."""
     found: dict[str, tuple[str | None, int | None]] = {}
     for role, names in (("eos", EOS_CANDIDATES), ("bos", BOS_CANDIDATES),
                         ("pad", PAD_CANDIDATES)):
@@ -448,29 +426,38 @@ def _special_tokens(tok_path: Path | None, eos_id: int | None, vocab: int
 
 
 def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
-              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: str = "full") -> Path:
     """Write the kiln checkpoint `src` (a checkpoint folder, or a RUN_DIR meaning its latest
     checkpoint; unsharded or sharded) as a Hugging Face model folder `out_dir`.
 
     `arch` defaults to :func:`infer_arch`. Weights keep the checkpoint's dtype. The folder
-    appears only when complete: it is written under a hidden name beside it and renamed."""
+    appears only when complete: it is written under a hidden name beside it and renamed.
+    Every file read is verified against the checkpoint's manifest (`verify`); a tokenizer that
+    fails is left out with a warning (the weights do not need it)."""
     from kiln import checkpoint as ckpt
     from kiln.config import config_from_dict
+    from kiln.data.tokenizers import load_tokenizer
 
     out = Path(out_dir)
-    path = ckpt.resolve(src)
-    cfg = config_from_dict(ckpt.read_config_dict(path / "config.yaml"))  # weights need no more
+    path = ckpt.resolve(src, ckpt.WEIGHTS_ONLY)  # weights need no more
+    cfg = config_from_dict(ckpt.read_config_dict(path, verify))
     mc = cfg.model
     if arch is None:
         arch = infer_arch(mc)
     check_exportable(mc, arch)
     max_shard_size = parse_size(max_shard_size)
-    tok_path = path / "tokenizer.json"
-    tok_path = tok_path if tok_path.is_file() else None
-    special = _special_tokens(tok_path, cfg.data.eos_token_id, mc.padded_vocab_size)
+    tok = tok_bytes = None
+    if (path / "tokenizer.json").is_file():
+        try:
+            tok_bytes = ckpt.read_part(path, "tokenizer.json", verify)
+            tok = load_tokenizer(path / "tokenizer.json", tok_bytes)
+        except KilnError as e:
+            warn(f"exporting the weights without the tokenizer: {e}")
+            tok = tok_bytes = None
+    special = _special_tokens(tok, cfg.data.eos_token_id, mc.padded_vocab_size)
 
     with ckpt.staged_folder(out) as staging:
-        state = _read_kiln_weights(path)
+        state = ckpt.read_weights(path, verify)
         hf_state = _kiln_to_hf_state(state, mc, arch, ckpt.weights_path(path))
         del state
         dtypes = {t.dtype for t in hf_state.values()}
@@ -486,8 +473,8 @@ def export_hf(src: str | Path, out_dir: str | Path, arch: str | None = None,
             gen["suppress_tokens"] = list(range(mc.vocab_size, mc.padded_vocab_size))
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _write_weights(hf_state, staging, max_shard_size)
-        if tok_path is not None:
-            shutil.copyfile(tok_path, staging / "tokenizer.json")
+        if tok_bytes is not None:
+            (staging / "tokenizer.json").write_bytes(tok_bytes)
             tokens = {f"{r}_token": special[r][0] for r in ("bos", "eos", "pad")
                       if special[r][0] is not None}
             tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
@@ -670,17 +657,20 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GiB",
                         help="largest safetensors file before the weights are split into "
                         "shards with an index (e.g. 5GB, 500MB; default 5GiB)")
+    from kiln.checkpoint import add_verify_argument
+
+    add_verify_argument(parser)
 
 
 def run_export(args: argparse.Namespace, *_: Any) -> int:
     out = export_hf(args.src, args.out, arch=args.arch,
-                    max_shard_size=parse_size(args.max_shard_size))
+                    max_shard_size=parse_size(args.max_shard_size), verify=args.verify)
     config = json.loads((out / "config.json").read_text())
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out} ({config['architectures'][0]}): {', '.join(files)}")
     if not (out / "tokenizer.json").is_file():
-        print("note: the checkpoint has no tokenizer.json, so none was exported; copy the "
-              "tokenizer files into the folder to use AutoTokenizer")
+        print("note: the checkpoint has no usable tokenizer.json, so none was exported; copy "
+              "the tokenizer files into the folder to use AutoTokenizer")
     return 0
 
 
