@@ -13,15 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import assert_one_line_error, kiln_here, snapshot, write_config
-
-
-def _mount_tmpfs(where: Path, size: int) -> bool:
-    where.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                         capture_output=True)
-    return out.returncode == 0
+from test_survival import _mount_tmpfs
 
 
 def _unmount(where: Path) -> None:  # lazily if busy: a mount left behind breaks tmp cleanup
