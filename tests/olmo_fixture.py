@@ -157,6 +157,8 @@ class OlmoReference:
             return lr
         if step < warm:
             return wmin + (lr - wmin) * min(step, warm) / warm
+        if name == "inverse_sqrt_with_warmup":  # no t_max, no alpha_f
+            return lr * math.sqrt(warm / max(warm, step))
         if name == "constant_with_warmup":
             return lr
         if step >= max_steps:

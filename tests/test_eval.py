@@ -196,9 +196,9 @@ def test_kiln_eval_prints_a_table_and_writes_eval_json(small_run, pydoc_tokens, 
 def test_kiln_eval_reads_a_hugging_face_export(small_run, tmp_path):
     pytest.importorskip("transformers")
     assert kiln_here("export", "hf", small_run, tmp_path / "hf").returncode == 0
-    # (an HF folder's default length is max_position_embeddings, the run's its data.seq_len)
+    # (both default to the model's length: max_seq_len, max_position_embeddings)
     a = kiln_here("eval", small_run, "--tasks", "sciq", "--limit", "20", "--no-write")
-    b = kiln_here("eval", tmp_path / "hf", "--tasks", "sciq", "--limit", "20", "--seq-len", 32)
+    b = kiln_here("eval", tmp_path / "hf", "--tasks", "sciq", "--limit", "20")
     assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
     rows = [line for line in a.stdout.splitlines() if line.startswith("sciq")]
     assert rows == [line for line in b.stdout.splitlines() if line.startswith("sciq")]
@@ -309,3 +309,74 @@ def test_lm_eval_harness_runs_kiln_model_on_a_local_task_like_kiln_eval(
     theirs = saved["harness"]["copa_local"]["acc,none"]
     assert theirs == pytest.approx(ours, abs=1e-12)
     assert "copa_local" in out.stdout  # lm-eval's table
+
+
+def test_lm_eval_adapter_scores_long_requests_as_lm_evals_hf_backend_on_the_export(
+        small_run, tmp_path):
+    """The run's data.seq_len (32) is below the model's max_seq_len (64): the adapter must
+    truncate as `lm_eval --model hf` does on the export, to the model's length."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from kiln.evals.harness import KilnLM
+
+    assert kiln_here("export", "hf", small_run, tmp_path / "hf").returncode == 0
+    words = "the function returns a list of the values that the object holds in order".split()
+    reqs = [Instance("loglikelihood", {}, (" ".join(words * 8)[: 6 * n], " of the list"), i)
+            for i, n in enumerate((5, 20, 40, 60, 80))]
+    ours = KilnLM(str(small_run)).loglikelihood(reqs)
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=2,
+                  dtype="float32").loglikelihood(reqs)
+    ours_tok = KilnLM(str(small_run))
+    long = [i for i, r in enumerate(reqs) if len(ours_tok.tok_encode("".join(r.args))) > 32]
+    assert len(long) >= 3  # longer than data.seq_len, and some longer than max_seq_len
+    for i in long:
+        assert ours[i][0] == pytest.approx(theirs[i][0], rel=1e-5), i
+
+
+def test_harness_entry_point_refuses_a_checkpoint_without_tokenizer_in_one_line(
+        small_run, tmp_path, monkeypatch, capfd):
+    pytest.importorskip("lm_eval")
+    import shutil
+    import sys
+
+    from kiln.evals import harness
+
+    ck = tmp_path / "ck"
+    shutil.copytree(small_run / "checkpoints" / "step4", ck)
+    (ck / "tokenizer.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["kiln.evals.harness", "--model", "kiln", "--model_args",
+                                      f"path={ck}", "--tasks", "copa"])
+    with pytest.raises(SystemExit) as stop:
+        harness.main()
+    err = capfd.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("kiln: error: ") and "--tokenizer" in err
+
+
+def test_a_harness_task_typo_is_kilns_one_line_before_the_model_loads(small_run):
+    pytest.importorskip("lm_eval")
+    out = kiln_here("eval", small_run, "--harness", "arc_esy", "--no-write")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "kiln: error: lm-eval knows no task arc_esy; check the name (lm-eval --tasks list) or "
+        "--include-path"]
+
+
+def test_jsonl_tasks_refuse_an_empty_choice_before_loading_and_count_blank_lines(
+        small_run, tmp_path):
+    empty = write_task(tmp_path / "empty.jsonl", [
+        {"context": "a", "choices": [" b", ""], "gold": 0}])
+    out = kiln_here("eval", tmp_path / "no-such-run", "--tasks", empty)  # no model needed
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"kiln: error: {empty}:1: choice 1 is the empty string; a choice is scored by its "
+        "tokens and needs at least one"]
+    gaps = tmp_path / "gaps.jsonl"
+    gaps.write_text('\n{"context": "a", "choices": [" b", " c"], "gold": 0}\n\n'
+                    '{"context": "d", "choices": [" e", " f"], "gold": 1}\n')
+    out = kiln_here("eval", small_run, "--tasks", gaps, "--no-write")
+    assert out.returncode == 0, out.stderr
+    assert f"{gaps}: skipped 2 blank line(s) (line 1, 3); 2 instances read" in out.stderr
+    assert len(load_task(str(gaps)).instances) == 2

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from olmo_fixture import build_olmo_checkpoint
+from test_cli import assert_one_line_error, kiln_here
 
 from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback
@@ -189,6 +190,54 @@ def test_continued_run_has_olmos_moments_step_and_lr(pydoc_tokens, tmp_path):
     trainer.fit()
     assert [s for s, _ in lrs] == [step + 1, step + 2]
     assert [lr for _, lr in lrs] == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)])
+
+
+def test_an_inverse_sqrt_olmo_run_continues_on_olmos_curve(pydoc_tokens, tmp_path):
+    """OLMo's inverse_sqrt_with_warmup has no kiln config shape: the import carries its exact
+    curve as segments, and the continued run's LR is OLMo's at every step to the end."""
+    step = 30
+    ref = build_olmo_checkpoint(tmp_path / "olmo", global_step=step, max_duration=60,
+                                vocab_size=512, embedding_size=512,
+                                scheduler={"name": "inverse_sqrt_with_warmup", "t_warmup": 10})
+    out = import_olmo(tmp_path / "olmo", tmp_path / "kiln")
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    raw["data"].update(paths=[str(pydoc_tokens)], dtype=None, val_fraction=0.0)
+    raw["trainer"].update(run_dir=str(tmp_path / "run"), device="cpu", hard_stop=step + 2)
+    raw["checkpoint"].update(interval=0, save_final=False)
+    raw["log"]["console"] = False
+    raw["init"]["from"] = str(out)
+    cfg = config_from_dict(raw)
+    assert plan_start(cfg).schedule.lr(step + 1) == ref.lr(step + 1)  # what --dry-run shows
+    trainer = Trainer(cfg)
+    for s in range(1, 61):
+        assert trainer.schedule.lr(s) == pytest.approx(ref.lr(s), rel=1e-15, abs=0), s
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_log(self, t, metrics):
+            lrs.append(metrics["lr"])
+
+    trainer.callbacks.append(RecordLR())
+    trainer.fit()
+    assert lrs == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)], rel=1e-15)
+
+
+def test_an_olmo_schedule_kiln_cannot_reproduce_is_not_continued_silently(pydoc_tokens,
+                                                                          tmp_path):
+    build_olmo_checkpoint(tmp_path / "olmo", global_step=30, max_duration=60, vocab_size=512,
+                          embedding_size=512)
+    olmo_cfg = tmp_path / "olmo" / "config.yaml"
+    olmo_cfg.write_text(olmo_cfg.read_text().replace("cosine_with_warmup", "max_scheduler"))
+    out = import_olmo(tmp_path / "olmo", tmp_path / "kiln")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["init"]["from"] = str(out)
+    cfg["data"].update(paths=[str(pydoc_tokens)], dtype=None)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = kiln_here("train", tmp_path / "c.yaml", "--dry-run")
+    assert_one_line_error(r, "holds no LR schedule to continue at step 30",
+                          "--schedule.restart=true", "--init.load_schedule_position=false")
+    r = kiln_here("train", tmp_path / "c.yaml", "--dry-run", "--schedule.restart=true")
+    assert r.returncode == 0, r.stderr
 
 
 def test_olmo_run_whose_cosine_ends_before_the_run_continues_on_olmos_curve(tmp_path):

@@ -735,6 +735,9 @@ def read_trainer_state(path: Path, verify: str = "full") -> dict[str, Any]:
             seg.lr(seg.start)  # an unknown shape raises
             if not all(map(_finite_number, (seg.lr_start, seg.lr_end))):
                 raise ValueError("an LR that is not a finite number")
+            if seg.shape == "inv_sqrt" and not (_finite_number(seg.timescale)
+                                                and seg.timescale >= 0):
+                raise ValueError("an inv_sqrt segment without a timescale >= 0")
     except KilnError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as e:

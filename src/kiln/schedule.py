@@ -27,7 +27,7 @@ from kiln.config import ScheduleConfig
 class Segment:
     """LR moves from lr_start at step `start` to lr_end at step `end` with the given shape."""
 
-    shape: str  # "linear" | "cosine" | "constant"
+    shape: str  # "linear" | "cosine" | "constant" | "inv_sqrt"
     start: int
     end: int
     lr_start: float
@@ -35,6 +35,10 @@ class Segment:
     begin: int | None = None
     """The step after which this segment takes over (default `start`): a segment can take
     over part-way along its own curve, which is how an LR change scales an unfinished one."""
+    timescale: float | None = None
+    """inv_sqrt: lr_start * sqrt(T / (T + step - start)) with T = timescale (OLMo's
+    inverse_sqrt_with_warmup is T = its warmup steps, from the end of warmup); lr_end is the
+    LR at `end`, after which it holds."""
 
     @property
     def takes_over(self) -> int:
@@ -43,6 +47,10 @@ class Segment:
     def lr(self, step: float) -> float:
         if self.shape == "constant":
             return self.lr_start
+        if self.shape == "inv_sqrt":
+            t = float(self.timescale or 0.0)
+            elapsed = min(max(step, self.start), max(self.end, self.start)) - self.start
+            return self.lr_start * math.sqrt(t / (t + elapsed)) if t + elapsed > 0 else 0.0
         if self.end <= self.start:
             return self.lr_end
         frac = min(max((step - self.start) / (self.end - self.start), 0.0), 1.0)
@@ -55,11 +63,12 @@ class Segment:
 
     def shifted(self, by: int) -> Segment:
         return Segment(self.shape, self.start + by, self.end + by, self.lr_start, self.lr_end,
-                       None if self.begin is None else self.begin + by)
+                       None if self.begin is None else self.begin + by, self.timescale)
 
     def scaled(self, factor: float, begin: int | None = None) -> Segment:
         return Segment(self.shape, self.start, self.end, self.lr_start * factor,
-                       self.lr_end * factor, self.begin if begin is None else begin)
+                       self.lr_end * factor, self.begin if begin is None else begin,
+                       self.timescale)
 
 
 class LRSchedule:
@@ -117,8 +126,8 @@ class LRSchedule:
     # -- persistence and display --------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        segs = [{k: v for k, v in asdict(s).items() if k != "begin" or v is not None}
-                for s in self.segments]
+        segs = [{k: v for k, v in asdict(s).items()
+                 if k not in ("begin", "timescale") or v is not None} for s in self.segments]
         return {"segments": segs, "warmup_end": self.warmup_end}
 
     def load_state_dict(self, state: dict) -> None:

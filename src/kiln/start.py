@@ -292,6 +292,13 @@ def _plan_init(cfg: Config) -> StartPlan:
             "(init.load_schedule_position=true keeps the source's counter); set a later "
             "trainer.max_duration or init.load_schedule_position=false"
         )
+    if (not src_sched.segments and src_step > 0 and init.load_schedule_position
+            and not cfg.schedule.restart):
+        raise KilnError(
+            f"{source} holds no LR schedule to continue at step {src_step:,} (its source's "
+            "scheduler has no kiln shape), so its LR there is unknown; choose one: "
+            "--schedule.restart=true (a fresh warmup to optim.lr, then schedule.name, from step "
+            f"{src_step:,}) or --init.load_schedule_position=false (counters from 0)")
     if not src_sched.segments:  # imported weights: no schedule to continue
         warm = min(n.warmup_steps, end - step)
         schedule = LRSchedule.build(cfg.schedule, peak, end - step, warm, start=step)

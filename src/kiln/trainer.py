@@ -930,7 +930,8 @@ class Trainer:
         self.model.eval()
         return evaluate_tasks(
             model_forward(self.model, self.autocast), self.eval_tasks, self.eval_tokenizer,
-            max_len=self.cfg.data.seq_len, vocab=self.cfg.model.vocab_size, device=self.device,
+            max_len=self.cfg.model.max_seq_len, vocab=self.cfg.model.vocab_size,
+            device=self.device,
             batch_tokens=self.cfg.eval.batch_tokens, rank=self.dist.rank,
             world=self.dist.world_size)
 

@@ -44,6 +44,8 @@ class KilnLM(TemplateLM):
         bf16 = dtype == "bf16" or (dtype is None and self._device.type == "cuda")
         self.autocast = torch.autocast(self._device.type, dtype=torch.bfloat16) if bf16 else None
         self.max_len = min(int(seq_len or loaded.seq_len), self.model.cfg.max_seq_len)
+        print(f"kiln: {path}: context length {self.max_len} tokens (the model's max_seq_len "
+              "unless model_args seq_len says less)", file=sys.stderr)
         self.batch_tokens = max(int(batch_tokens), self.max_len)
         if loaded.eos is None:
             raise KilnError(f"{path}: no EOS token known (set data.eos_token_id in the run's "
@@ -113,26 +115,55 @@ class KilnLM(TemplateLM):
 
 def run_harness(target: str, tasks: list[str], *, limit: int | None, include_path: str | None,
                 tokenizer: str | None, device: str | None, dtype: str | None,
-                batch_tokens: int) -> dict[str, Any]:
+                batch_tokens: int, seq_len: int | None = None) -> dict[str, Any]:
     """lm-eval's simple_evaluate on kiln's model; returns lm-eval's results dictionary."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
+    manager = task_manager(tasks, include_path)
     model = KilnLM(target, tokenizer=tokenizer, device=device, dtype=dtype,
-                   batch_tokens=batch_tokens)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise KilnError(f"lm-eval knows no task {', '.join(unknown)}; check the name (lm-eval "
-                        "--tasks list) or --include-path")
+                   batch_tokens=batch_tokens, seq_len=seq_len)
     return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit, task_manager=manager)
 
 
+_managers: dict[str | None, Any] = {}
+
+
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's TaskManager, once every name in `tasks` is known to it (else one line, before
+    any model is loaded; lm-eval's own log lines about the lookup are kept quiet)."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    quiet = [logging.getLogger(n) for n in ("lm-eval", "lm_eval")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        if include_path not in _managers:  # indexing every task takes seconds: once
+            _managers[include_path] = (TaskManager(include_path=include_path) if include_path
+                                       else TaskManager())
+        manager = _managers[include_path]
+        unknown = [t for t in tasks if not manager.match_tasks([t])]
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    if unknown:
+        raise KilnError(f"lm-eval knows no task {', '.join(unknown)}; check the name (lm-eval "
+                        "--tasks list) or --include-path")
+    return manager
+
+
 def main() -> None:
-    """``python -m kiln.evals.harness``: lm-eval's command line with ``--model kiln``."""
+    """``python -m kiln.evals.harness``: lm-eval's command line with ``--model kiln``; a
+    refusal of kiln's (a checkpoint without a tokenizer, say) is one line, exit 2."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.exit(cli_evaluate())
+    try:
+        sys.exit(cli_evaluate())
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class Loaded:
     tokenizer: Any  # tokenizers.Tokenizer
     step: int
     out: Path  # the JSON file results go to
-    seq_len: int  # the longest query: the run's data.seq_len (what the model was trained on)
+    seq_len: int  # the longest query: the model's max_seq_len (as OLMo's evaluator and HF)
     eos: int | None  # the document separator: data.eos_token_id or the tokenizer's EOS
 
 
@@ -61,7 +61,7 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
     else:
         p = ckpt.resolve(target, ckpt.WEIGHTS_ONLY)
         cfg = config_from_dict(ckpt.read_config_dict(p, verify))
-        mc, state, seq_len, eos = cfg.model, None, cfg.data.seq_len, cfg.data.eos_token_id
+        mc, state, seq_len, eos = cfg.model, None, cfg.model.max_seq_len, cfg.data.eos_token_id
         step = ckpt.step_of(p) if p.name.startswith("step") else 0
         run = p.parent.parent if p.parent.name == "checkpoints" else p
         out = run / "eval" / f"step{step}.json"
@@ -155,8 +155,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="token file: perplexity in nats per token and "
                    "bits per byte")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="window of --data and longest query (default: the run's data.seq_len; "
-                   "a Hugging Face model's max_position_embeddings)")
+                   help="window of --data and longest query, for --tasks and --harness "
+                   "(default: the model's max_seq_len; a Hugging Face model's "
+                   "max_position_embeddings, as lm-eval's hf backend)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
@@ -201,6 +202,10 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
             raise KilnError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
     names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     tasks = [load_task(n, limit=args.limit, seed=args.seed) for n in names]  # refuse early
+    if args.harness:
+        from kiln.evals.harness import task_manager
+
+        task_manager([t.strip() for t in args.harness.split(",")], args.include_path)
     if args.data:
         from kiln.data.tokens import resolve_paths
 
@@ -230,27 +235,30 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
     )
 
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        ids: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    if tasks:  # (a progress display with nothing to show still writes a line)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
+            ids: dict[str, Any] = {}
 
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in ids:
-                ids[name] = bar.add_task(f"{name} batches", total=total)
-            bar.update(ids[name], completed=done)
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in ids:
+                    ids[name] = bar.add_task(f"{name} batches", total=total)
+                bar.update(ids[name], completed=done)
 
-        results = evaluate_tasks(model_forward(model, autocast), tasks, loaded.tokenizer,
-                                 max_len=max_len, vocab=model.cfg.vocab_size, device=dev,
-                                 batch_tokens=args.batch_tokens, progress=progress)
+            results = evaluate_tasks(model_forward(model, autocast), tasks, loaded.tokenizer,
+                                     max_len=max_len, vocab=model.cfg.vocab_size, device=dev,
+                                     batch_tokens=args.batch_tokens, progress=progress)
     seconds = time.perf_counter() - t0
     record: dict[str, Any] = {"step": loaded.step, "target": str(args.target),
-                              "limit": args.limit, "seed": args.seed,
+                              "limit": args.limit, "seed": args.seed, "max_len": max_len,
                               "dtype": "bf16" if bf16 else "fp32", "tasks": results}
     if results:
         print(_table(results))
         n = sum(r["instances"] for r in results.values())
         print(f"{n} instances in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} instances/s) "
-              f"on {dev}; * marks each task's primary metric")
+              f"on {dev}, context {max_len} tokens; * marks each task's primary metric")
     if args.data:
         ppl = perplexity(model, loaded.tokenizer, args.data, seq_len=max_len, limit=args.limit,
                          autocast=autocast)
@@ -266,8 +274,9 @@ def run_eval(args: argparse.Namespace, *_: Any) -> int:
         res = run_harness(args.target, [t.strip() for t in args.harness.split(",")],
                           limit=args.limit, include_path=args.include_path,
                           tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                          batch_tokens=args.batch_tokens)
+                          batch_tokens=args.batch_tokens, seq_len=max_len)
         print(make_table(res))
+        print(f"lm-eval context length: {max_len} tokens")
         record["harness"] = json.loads(json.dumps(res["results"], default=str))
     if not args.no_write:
         write_results(loaded.out, record)

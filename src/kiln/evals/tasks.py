@@ -324,10 +324,16 @@ def _metric(cls: str, kw: dict[str, Any]) -> str:
 
 
 def _jsonl(path: Path) -> list[Instance]:
+    """The instances of a kiln JSONL task file, every line checked before any model loads;
+    blank lines are skipped, with a warning that says how many."""
+    from kiln.errors import warn
+
     instances: list[Instance] = []
+    blank: list[int] = []
     with open(path, encoding="utf-8") as lines:
         for n, line in enumerate(lines, 1):
             if not line.strip():
+                blank.append(n)
                 continue
             where = f"{path}:{n}"
             try:
@@ -341,6 +347,9 @@ def _jsonl(path: Path) -> list[Instance]:
                 raise KilnError(f'{where}: "choices" must be a list of strings')
             if len(choices) < 2:
                 raise KilnError(f'{where}: "choices" needs at least 2 entries, got {len(choices)}')
+            if "" in choices:
+                raise KilnError(f'{where}: choice {choices.index("")} is the empty string; a '
+                                "choice is scored by its tokens and needs at least one")
             if not (isinstance(ctx, str) or isinstance(ctx, list) and len(ctx) == len(choices)
                     and all(isinstance(c, str) for c in ctx)):
                 raise KilnError(f'{where}: "context" must be a string (or one string per choice)')
@@ -350,6 +359,9 @@ def _jsonl(path: Path) -> list[Instance]:
             instances.append(_instance(ctx, choices, gold, str(obj.get("id", n))))
     if not instances:
         raise KilnError(f"{path}: no instances")
+    if blank:
+        warn(f"{path}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:5]))}"
+             f"{', ...' if len(blank) > 5 else ''}); {len(instances)} instances read")
     return instances
 
 

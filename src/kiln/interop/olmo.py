@@ -77,6 +77,9 @@ default)::
                                               (default 0.1 x lr) to lr over t_warmup, then the
                                               decay to alpha_f x lr at t_max (or max_duration),
                                               then held to max_duration
+              inverse_sqrt_with_warmup        schedule constant with warmup t_warmup; trainer.json
+                                              gets the warmup, then lr x sqrt(t_warmup / step)
+                                              to max_duration, point for point as OLMo
     scheduler.units tokens                    converted to steps when t_warmup / t_max are whole
                                               multiples of tokens_per_step
     global_train_batch_size                   trainer.global_batch_size
@@ -99,7 +102,8 @@ state is carried only from AdamW (``optimizer.name: lionw`` is refused unless
 Not reproduced but not refused (training-only, listed by the CLI when they differ from
 kiln's behaviour): ``max_grad_norm_ratio`` and ``grad_clip_warmup_*`` (kiln clips to a fixed
 norm), ``selective_updates``, schedulers kiln has no shape for (the schedule in trainer.json
-is then empty and the continued run lays kiln's schedule from the current step),
+is then empty, and a run continuing its step counter is refused until it names a schedule:
+``schedule.restart=true`` or ``init.load_schedule_position=false``),
 ``rope_full_precision: false`` and ``low_precision`` layer norms (kiln computes these in fp32,
 a difference only under bf16 autocast), the data order (the continued run starts its data at
 the beginning; OLMo's epoch and instance counters are kept in trainer.json under ``olmo``).
@@ -453,13 +457,15 @@ def _schedule(s: dict[str, Any], lr: float, step: int, tokens: int, tokens_per_s
     alpha = float(s["alpha_f"])
     empty = LRSchedule([])
     shapes = {"cosine_with_warmup": "cosine", "linear_with_warmup": "linear",
-              "constant": "constant", "constant_with_warmup": "constant"}
+              "constant": "constant", "constant_with_warmup": "constant",
+              "inverse_sqrt_with_warmup": "inv_sqrt"}
     if name not in shapes:
         return (ScheduleConfig(final_lr_fraction=alpha), empty,
                 f"scheduler.name={name} has no kiln shape: trainer.json has no schedule, so a "
                 "continued run lays the new config's schedule from the current step")
     warmup = 0 if name == "constant" else s["t_warmup"]
-    t_max = s["t_max"] if name != "constant" else None
+    # OLMo's inverse square root ignores t_max: it decays to the end of the run
+    t_max = s["t_max"] if name not in ("constant", "inverse_sqrt_with_warmup") else None
     end = max_steps
     if str(s.get("units", "steps")) == "tokens":
         ok = tokens == step * tokens_per_step and int(float(warmup)) % tokens_per_step == 0 and (
@@ -474,8 +480,12 @@ def _schedule(s: dict[str, Any], lr: float, step: int, tokens: int, tokens_per_s
     w = int(float(warmup))
     if t_max is not None:
         end = int(float(t_max))
-    cfg = ScheduleConfig(name=shapes[name], warmup=Duration(float(w), "steps"),
-                         final_lr_fraction=alpha if shapes[name] != "constant" else 1.0)
+    # kiln's config has no inverse-square-root shape: the exact curve lives in trainer.json's
+    # segments, and a continuation that reshapes it (--extend-to, a new max_duration) lays a
+    # constant tail from the LR of that moment
+    cfg = ScheduleConfig(name=shapes[name] if shapes[name] != "inv_sqrt" else "constant",
+                         warmup=Duration(float(w), "steps"),
+                         final_lr_fraction=alpha if shapes[name] in ("cosine", "linear") else 1.0)
     if end is None:
         if shapes[name] == "constant":
             end = max(step, w)
@@ -488,6 +498,10 @@ def _schedule(s: dict[str, Any], lr: float, step: int, tokens: int, tokens_per_s
         segs.append(Segment("linear", 0, w, w_min, lr))
     if shapes[name] == "constant":
         segs.append(Segment("constant", w, max(end, w), lr, lr))
+    elif shapes[name] == "inv_sqrt":  # lr * sqrt(w / step) after warmup, as OLMo computes it
+        tail = Segment("inv_sqrt", w, max(end, w), lr, lr, timescale=float(w))
+        tail.lr_end = tail.lr(tail.end)
+        segs.append(tail)
     else:
         segs.append(Segment(shapes[name], w, end, lr, lr * alpha))
     return cfg, LRSchedule(segs, warmup_end=w), None
