@@ -87,19 +87,26 @@ def bad_values(cls: type, f: dataclasses.Field) -> list[str]:
         return ["not-a-form", "''", str(f.default) + " 0", str(f.default) + "x"]
     if tp in (int, float) or tp is Duration or origin is list:
         assert dom is not None, "a numeric field must declare its Domain"
+    # every number has an upper bound too: a huge value (1e30) is refused by the dry run, not
+    # met by training as a crash or a hang
+    assert tp not in (int, float, Duration) and origin is not list or (
+        dom.le is not None or dom.lt is not None), "a numeric field must declare an upper bound"
     if tp is int:
-        return [str(v) for v in _outside(dom, True)] + ["1.5", "abc"]
+        return [str(v) for v in _outside(dom, True)] + ["1.5", "abc", "1e30"]
     if tp is float:
-        return [str(v) for v in _outside(dom, False)] + [".nan", ".inf", "abc"]
+        return [str(v) for v in _outside(dom, False)] + [".nan", ".inf", "abc", "1e30"]
     if tp is Duration:
         return ([f"{{value: {v}, unit: steps}}" for v in _outside(dom, False)]
-                + ["{value: .inf, unit: tokens}", "{value: 5, unit: hours}"])
-    if origin is list:
+                + ["{value: .inf, unit: tokens}", "{value: 5, unit: hours}",
+                   "{value: 1e30, unit: tokens}", "{value: 1e30, unit: steps}"])
+    if origin is list:  # exactly dom.items items: fewer, none, more
         default = f.default_factory()
-        out = [yaml.safe_dump(default[: dom.items - 1], default_flow_style=True).strip()]
+        out = [yaml.safe_dump(default[: dom.items - 1], default_flow_style=True).strip(), "[]",
+               str(default + default[-1:])]
         for v in _outside(dom, False):
             out.append(str([v, *default[1:]]))
         out.append(str([float("nan"), *default[1:]]).replace("nan", ".nan"))
+        out.append(str([1e30, *default[1:]]))
         return out
     raise AssertionError(f"no generator for {tp}")
 

@@ -223,24 +223,20 @@ def test_a_planted_temporary_link_does_not_block_a_save(run, runs, tmp_path):
 
 
 @pytest.mark.parametrize("what", ["a folder", "a dangling link", "a link to /dev/full"])
-def test_a_metrics_file_that_cannot_take_records_is_refused_before_step_1(pydoc_tokens,
-                                                                          tmp_path, what):
-    run = tmp_path / "run"
-    run.mkdir()
+def test_a_metrics_file_that_cannot_take_records_is_refused_before_step_1(run, tmp_path, what):
     metrics = run / "metrics.jsonl"
+    metrics.unlink()
     if what == "a folder":
         metrics.mkdir()
     elif what == "a dangling link":
         metrics.symlink_to(tmp_path / "gone" / "metrics.jsonl")
     else:
         metrics.symlink_to("/dev/full")
-    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
-                          trainer={"max_duration": 8, "eval_interval": 0})
-    before = sorted(p.name for p in run.iterdir())
-    r = kiln_here("train", config)
+    before = snapshot(run)
+    r = kiln_here("train", run)
     assert_one_line_error(r, str(metrics))
-    assert sorted(p.name for p in run.iterdir()) == before  # no step trained, nothing saved
-    assert not (tmp_path / "gone").exists()
+    assert snapshot(run) == before  # no step trained, nothing saved
+    assert not (tmp_path / "gone").exists() and not (run / "checkpoints" / "step8").exists()
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "nested too deep", "not a tokenizer"])

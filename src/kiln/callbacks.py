@@ -50,7 +50,7 @@ class MetricsFileCallback(Callback):
     def _check_appendable(self) -> None:
         """Refuse, before the first step, a metrics path that cannot take records: a folder,
         a dangling link, a device or pipe (a link to /dev/full), a file that cannot be opened
-        for appending. Opening creates nothing when it fails."""
+        for appending. Nothing is created."""
         p, fix = self.path, "remove or rename it: kiln keeps its metrics in a regular file there"
         if p.is_symlink() and not p.exists():
             raise KilnError(f"{p} is a link to {os.readlink(p)}, which does not exist; {fix}")
@@ -58,8 +58,9 @@ class MetricsFileCallback(Callback):
             what = "a folder" if p.is_dir() else "not a regular file (a device or pipe)"
             raise KilnError(f"{p} is {what}; {fix}")
         try:
-            with open(p, "a"):
-                pass
+            if p.exists():  # (a new one is made by the first record: the folder is writable)
+                with open(p, "a"):
+                    pass
         except OSError as e:
             raise KilnError(f"cannot append to {p} ({e.strerror or e}); {fix}, or free disk "
                             "space") from None
@@ -97,12 +98,22 @@ class MetricsFileCallback(Callback):
         os.replace(tmp, self.path)
 
     def _write(self, record: dict) -> None:
+        """Append one line, whole or not at all: a write cut short (a full disk) is cut back
+        off the file before the run stops, so no torn line is left behind."""
+        line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+        size = None
         try:
             if self._f is None:
-                self._f = open(self.path, "a")
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+                self._f = open(self.path, "ab", buffering=0)  # each write reaches the file
+            size = os.fstat(self._f.fileno()).st_size
+            while line:
+                line = line[self._f.write(line):]
         except OSError as e:
+            if size is not None:
+                try:
+                    os.ftruncate(self._f.fileno(), size)  # frees space: needs none
+                except OSError:
+                    pass
             raise KilnError(f"could not append to {self.path} ({e.strerror or e}) at step "
                             f"{record.get('step')}; the run stopped, its checkpoints are "
                             f"untouched; free disk space and resume: kiln train "

@@ -111,8 +111,9 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
         plan_lines,
     )
     from kiln.start import plan_start
-    from kiln.trainer import build_datasets
+    from kiln.trainer import build_datasets, check_run_dir
 
+    check_run_dir(cfg.trainer.run_dir)  # what training would refuse before anything else
     console = Console(highlight=False, soft_wrap=True)
     missing = missing_data(cfg)  # before `kiln prepare`: plan without the data
     train, val, files = build_datasets(cfg) if not missing else (None, None, [])
@@ -199,9 +200,13 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
 
     from kiln import checkpoint as ckpt
     from kiln.config import config_from_dict
-    from kiln.generate import generate
+    from kiln.generate import check_sampling, generate
     from kiln.model import Transformer
+    from kiln.parallel import parse_device
 
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                   args.num_samples)  # before anything is read
+    device = parse_device(args.device)
     path = ckpt.resolve(args.checkpoint, ckpt.WEIGHTS_ONLY)  # weights need no more
     cfg = config_from_dict(ckpt.read_config_dict(path, args.verify))
     if args.tokenizer:
@@ -210,7 +215,6 @@ def cmd_generate(args: argparse.Namespace, _: list[str]) -> int:
         tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer))
     else:
         tokenizer = ckpt.read_tokenizer(path, args.verify)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer(cfg.model)
     ckpt.load_into(path, model, None, tied=cfg.model.tie_embeddings, verify=args.verify)
     model.to(device).eval()

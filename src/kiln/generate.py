@@ -60,6 +60,23 @@ class KVCache:
 # Sampling
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   max_new_tokens: int = 0, num_samples: int = 1) -> None:
+    """Refuse sampling settings that cannot sample, in one line (before any model loads)."""
+    import math
+
+    if not math.isfinite(temperature) or temperature < 0:
+        raise KilnError(f"temperature={temperature} must be a number >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise KilnError(f"top_k={top_k} must be >= 1 (or None to disable)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise KilnError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    if max_new_tokens < 0:
+        raise KilnError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if num_samples < 1:
+        raise KilnError(f"num_samples={num_samples} must be >= 1")
+
+
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None
                   ) -> Tensor:
     """Set logits outside the top-k, then outside the top-p nucleus, to -inf (last dim).
@@ -112,12 +129,7 @@ def generate(model: Transformer, prompt: list[int] | Tensor, max_new_tokens: int
     if len(ids) > cfg.max_seq_len:
         raise KilnError(f"prompt of {len(ids)} tokens is longer than model.max_seq_len="
                         f"{cfg.max_seq_len}; shorten the prompt")
-    if temperature < 0:
-        raise KilnError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise KilnError(f"top_k={top_k} must be >= 1 (or None to disable)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise KilnError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    check_sampling(temperature, top_k, top_p)
     greedy = greedy or temperature == 0
     budget = min(max_new_tokens, cfg.max_seq_len - len(ids))
     if budget <= 0:

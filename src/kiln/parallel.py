@@ -59,6 +59,27 @@ def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
     return info
 
 
+def parse_device(text: str | None, flag: str = "--device") -> torch.device:
+    """The device a command-line flag names (None or "auto": CUDA when there is one), refused
+    in one line when it is not a device or not on this machine."""
+    if text is None or text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise KilnError(f"{flag} {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KilnError(f"{flag} {text} but no CUDA device is visible; use {flag} cpu")
+        if dev.index is not None and dev.index >= count:
+            raise KilnError(f"{flag} {text} but this machine has {count} CUDA device(s) "
+                            f"(cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":
+        raise KilnError(f"{flag} {text}: kiln runs on cpu or cuda; use one of them")
+    return dev
+
+
 def resolve_dp(pcfg: ParallelConfig, info: DistInfo) -> str:
     if pcfg.dp == "auto":
         return "ddp" if info.enabled else "none"

@@ -10,6 +10,17 @@ from kiln.model import flops_per_token
 from kiln.schedule import LRSchedule
 
 
+def threads_warning(threads: int | None) -> str | None:
+    """A warning when trainer.threads asks for more threads than this machine has cores."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= cores:
+        return None
+    return (f"trainer.threads={threads} is more than the {cores} cores of this machine: the "
+            "threads would take turns on them, which is slower than one per core")
+
+
 def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], list[str]]:
     """(lines describing the run, loud warnings); `plan` is a kiln.start.StartPlan."""
     n = run_numbers(cfg, world_size)
@@ -19,6 +30,8 @@ def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], 
             n.stop_step = plan.total_steps
     m, d, t = cfg.model, cfg.data, cfg.trainer
     lines, warnings = [], []
+    if (many := threads_warning(t.threads)) is not None:
+        warnings.append(many)
     total_p = m.num_params()
     lines.append(f"parameters            {total_p:,} ({m.num_params(False):,} without embeddings)")
     lines.append(f"vocabulary            {m.vocab_size:,} (embedding padded to "

@@ -184,6 +184,40 @@ def _absolute(paths: list[str]) -> list[str]:
     return [fix(p) for p in paths]
 
 
+CONFIG_HEADER = "# kiln run config: written by `kiln train`, which resumes this run from it\n"
+"""The first line of the config.yaml kiln writes into a run directory: how a run directory
+is told from a folder of the user's that happens to hold a config.yaml."""
+
+
+def is_run_dir(folder: Path) -> bool:
+    """A folder kiln trains in: it holds checkpoints, or the config.yaml kiln wrote."""
+    if ckpt.checkpoints_dir(folder).is_dir():
+        return True
+    try:
+        with open(folder / "config.yaml", "rb") as f:
+            return f.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode()
+    except OSError:
+        return False
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse a trainer.run_dir that is a file, or a folder that holds files but is not a kiln
+    run directory (a user's own folder: a new run would write its config.yaml and metrics
+    over theirs). Reads only; the dry run checks it too."""
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise KilnError(f"trainer.run_dir {str(run)!r} is a file, not a folder; choose a folder "
+                        "for the run (it is created if missing)")
+    if not run.is_dir() or is_run_dir(run):
+        return
+    theirs = sorted(p.name for p in run.iterdir() if p.name != runlock.LOCK_FILE)
+    if theirs:
+        raise KilnError(
+            f"trainer.run_dir {str(run)!r} holds files kiln did not write ({', '.join(theirs[:3])}"
+            f"{', ...' if len(theirs) > 3 else ''}) and is not a kiln run directory; a run writes "
+            "its config.yaml, metrics and checkpoints there: choose an empty or new folder")
+
+
 def check_run_dir_writable(run_dir: str | Path) -> None:
     """Refuse, in one line, a trainer.run_dir that cannot be written (a read-only mount, a
     folder of another user): a run writes its config, metrics and checkpoints there."""
@@ -205,17 +239,21 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)
+        check_run_dir(self.run_dir)  # a file, or a folder of the user's that is not a run
         if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise KilnError(f"run directory {str(self.run_dir)!r} is not empty and --no-resume "
                             "was given; choose an empty trainer.run_dir")
         if t.threads:
+            from kiln.plan import threads_warning
+
+            if (many := threads_warning(t.threads)) is not None:
+                warn(many)
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
         self.dist: DistInfo = init_distributed(cfg, self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.dist.is_main:  # before the data and the model are built
-            check_run_dir_writable(self.run_dir)
+        check_run_dir_writable(self.run_dir)  # before the data and the model are built
         # one writer per run directory: refused here if another process trains in it
         self.run_lock = runlock.hold(self.run_dir, self.dist, self.device)  # until fit() ends
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
@@ -336,8 +374,9 @@ class Trainer:
                        tokenizer=_absolute([d.tokenizer])[0] if d.tokenizer else None,
                        cache_dir=_absolute([d.cache_dir])[0] if d.cache_dir else None)
         tasks = _absolute(self.cfg.eval.tasks)
-        return replace(self.cfg, data=data, eval=replace(self.cfg.eval, tasks=tasks),
-                       trainer=replace(self.cfg.trainer, hard_stop=None)).to_yaml()
+        return CONFIG_HEADER + replace(self.cfg, data=data, eval=replace(self.cfg.eval,
+                                                                         tasks=tasks),
+                                       trainer=replace(self.cfg.trainer, hard_stop=None)).to_yaml()
 
     def trainer_state(self) -> dict:
         return {

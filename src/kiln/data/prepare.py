@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -47,6 +48,9 @@ from kiln.files import check_writable, fsync_dir, write_synced
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 """End-of-text tokens looked up in a tokenizer's vocabulary, first match wins."""
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
+MAX_TRAINED_VOCAB = 2**24
+"""The largest --vocab-size kiln trains: the BPE trainer reserves memory for every entry up
+front (about 66 bytes each), and ids stay far inside uint32 token files."""
 """Special tokens of a tokenizer trained here (ids 0 and 1)."""
 _EXTENSIONS = (".jsonl.gz", ".json.gz", ".jsonl", ".parquet", ".txt", ".md")
 _TOKENIZER_FILE = "tokenizer.json"
@@ -407,6 +411,20 @@ def _swap_in(stage: Path, bin_path: Path, tok_path: Path) -> None:
     fsync_dir(bin_path.parent)
 
 
+def _write_failed(e: OSError, out: Path) -> KilnError:
+    """A failed write of the staged files, in one line: everything is written into the staging
+    folder before the renames, so the set already in OUT is the one that was there."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return KilnError(f"could not write the token files in {out} "
+                     f"({'no space left on device' if full else e.strerror or e}; {free}); the "
+                     f"files already in {out} are unchanged and the partial ones were removed; "
+                     "free disk space (or choose another --out) and run again")
+
+
 # --------------------------------------------------------------------------------------------
 # prepare
 
@@ -446,6 +464,11 @@ def prepare(
         if vocab_size < floor:
             raise KilnError(f"--vocab-size {vocab_size} is below the {floor} byte-level base "
                             "and special tokens; pick a larger vocabulary")
+        if vocab_size > MAX_TRAINED_VOCAB:
+            raise KilnError(f"--vocab-size {vocab_size:,} is above {MAX_TRAINED_VOCAB:,}, the "
+                            "largest vocabulary kiln trains (the BPE trainer reserves ~66 bytes "
+                            "per entry up front: 10^9 entries would take 66 GB); real "
+                            "vocabularies are 32k-256k")
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -527,6 +550,13 @@ def prepare(
             _crash_point("staged")
             if not overwrite:
                 _refuse_existing(bin_path, tok_path, tok_bytes)  # it may have appeared since
+        except OSError as e:  # a full disk, a quota, an I/O error while staging
+            shutil.rmtree(stage, ignore_errors=True)
+            raise _write_failed(e, out) from None
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        try:
             _swap_in(stage, bin_path, tok_path)
         finally:
             shutil.rmtree(stage, ignore_errors=True)

@@ -38,6 +38,8 @@ class KilnLM(TemplateLM):
                  dtype: str | None = None, batch_tokens: int = 16384, seq_len: int | None = None,
                  **_: Any):  # lm-eval also passes batch_size, max_batch_size: unused here
         super().__init__()
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's CLI passes cuda:0 unless told; its hf backend falls back
         loaded = load_model(path, tokenizer, device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self._device = self.model.embed.weight.device

@@ -45,13 +45,14 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
     """The model and tokenizer of a run directory, kiln checkpoint (either format) or Hugging
     Face folder. Everything is checked before anything is written; a kiln checkpoint's files
     against its manifest (`verify`)."""
-    import torch
 
     from kiln import checkpoint as ckpt
     from kiln.config import config_from_dict
     from kiln.data.tokenizers import load_tokenizer, resolve_tokenizer
     from kiln.model import Transformer
+    from kiln.parallel import parse_device
 
+    dev = parse_device(device)
     p = Path(target)
     if p.is_dir() and _is_hf_folder(p):
         from kiln.interop.hf import load_hf
@@ -76,7 +77,6 @@ def load_model(target: str, tokenizer: str | None = None, device: str | None = N
     if tok.get_vocab_size() > mc.padded_vocab_size:
         raise KilnError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the model "
                         f"only {mc.padded_vocab_size}; pass the model's own tokenizer")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = Transformer(mc)
     if state is not None:
         if mc.tie_embeddings:
