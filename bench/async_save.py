@@ -61,18 +61,18 @@ def main() -> int:
             t = time.perf_counter()
             trainer.save_checkpoint()
             sync.append(time.perf_counter() - t)
-        trainer.cfg.checkpoint.async_ = True
+        trainer.cfg.checkpoint.async_ = True  # (read at each save)
         for i in range(args.saves):
             trainer.step = 20 + i
             t = time.perf_counter()
-            trainer._start_background_save()
+            trainer.saver._start_background()
             started = time.perf_counter() - t
             t = time.perf_counter()
             trainer.train_step(batch)  # overlaps the copy; its optimizer step waits for it
             step_during.append(time.perf_counter() - t)
-            stall.append(started + trainer._copy_wait)
-            trainer._finish_background_save(wait=True)
-            written.append(trainer._bg_result[3])
+            stall.append(started + trainer.saver._copy_wait)
+            trainer.saver.poll(wait=True)
+            written.append(trainer.saver._result[3])
         trainer.loader.close()
         last = root / "run" / "checkpoints" / f"step{trainer.step}"
         size = sum(f.stat().st_size for f in last.iterdir())

@@ -97,7 +97,7 @@ def test_prepare_with_the_olmo_tokenizer_writes_uint16_with_eos_50279(tmp_path):
 
 @needs_olmo_eval
 def test_data_tokenizer_accepts_an_alias(tmp_path):
-    from kiln.trainer import find_tokenizer
+    from kiln.data.build import find_tokenizer
 
     cfg = config_from_dict({"data": {"tokenizer": "olmo"}})
     assert find_tokenizer(cfg, []) == resolve_tokenizer("olmo")

@@ -165,7 +165,8 @@ def test_compiled_blocks_train_like_eager_resume_exactly_and_never_recompile(
     assert set(final_weights(tmp_path / "compiled")) == set(final_weights(tmp_path / "eager"))
     # the guard itself: a step whose shape changes compiles again, and says so
     batch = trainer.loader.next_batch()[:, :17]
-    trainer._watched_step(batch, start_step=0)
+    with trainer.compile_watch.around(trainer.step):
+        trainer.train_step(batch)
     assert "new graph(s) in step 6" in capsys.readouterr().err
     # exact resume holds with compiled blocks (and the fused loss, the default)
     split = tmp_path / "split"

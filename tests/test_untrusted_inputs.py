@@ -13,8 +13,8 @@ from test_cli import assert_one_line_error, kiln, kiln_here, snapshot, write_con
 
 from kiln import checkpoint as ckpt
 from kiln.config import load_config
+from kiln.data.build import build_datasets
 from kiln.data.loader import BatchLoader
-from kiln.trainer import build_datasets
 
 
 def lying_copy(tokens: Path, dst: Path, repeat: int = 1) -> Path:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error, kiln_here, snapshot, write_config
 
 from kiln import checkpoint as ckpt
+from kiln import faults
 
 
 def weights(folder: Path) -> dict:
@@ -110,7 +111,7 @@ def test_resume_from_a_step_that_is_not_there_lists_those_that_are(run):
 def test_a_failed_save_stops_the_run_and_leaves_nothing_half_written(pydoc_tokens, tmp_path,
                                                                       monkeypatch):
     monkeypatch.setenv("KILN_FAULT_SAVE", "1")
-    monkeypatch.setattr(ckpt, "_faults_done", [0])
+    monkeypatch.setattr(faults, "saves_failed", [0])
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 8, "eval_interval": 0})
@@ -124,7 +125,7 @@ def test_a_failed_save_stops_the_run_and_leaves_nothing_half_written(pydoc_token
 def test_on_save_error_retry_saves_on_a_later_attempt_and_trains_on_exactly(
         pydoc_tokens, tmp_path, monkeypatch, runs):
     monkeypatch.setenv("KILN_FAULT_SAVE", "2")
-    monkeypatch.setattr(ckpt, "_faults_done", [0])
+    monkeypatch.setattr(faults, "saves_failed", [0])
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", pydoc_tokens, run,
                           trainer={"max_duration": 8, "eval_interval": 0},

@@ -1,7 +1,10 @@
-"""Side concerns of the training loop, each a small callback.
+"""What the training loop reports to, each a small callback: the metrics file, the console,
+trackers (kiln.trackers), and any of your own passed to Trainer(callbacks=[...]).
 
-A callback may implement any of: on_fit_start(trainer), on_log(trainer, metrics),
-on_eval(trainer, metrics), on_checkpoint(trainer, path), on_fit_end(trainer, metrics).
+A callback may implement any of: on_fit_start(trainer), on_step(trainer) (after every step),
+on_log(trainer, metrics), on_eval(trainer, metrics), on_checkpoint(trainer, path),
+on_note(trainer, text), on_preempt(trainer, result), on_fit_end(trainer, metrics). Only rank 0
+runs callbacks.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from kiln.errors import KilnError, warn
 
 class Callback:
     def on_fit_start(self, trainer) -> None: ...
+    def on_step(self, trainer) -> None: ...
     def on_log(self, trainer, metrics: dict) -> None: ...
     def on_eval(self, trainer, metrics: dict) -> None: ...
     def on_checkpoint(self, trainer, path: Path) -> None: ...
@@ -192,7 +196,7 @@ class ConsoleCallback(Callback):
 
     def on_eval(self, trainer, m: dict) -> None:
         if "val_loss" not in m:  # downstream tasks: each task's primary metric
-            tasks = getattr(trainer, "eval_tasks", [])
+            tasks = trainer.evals.tasks
             parts = [f"{t.name} {t.primary_metric} {m[key]:.4f}" for t in tasks
                      if (key := f"{t.name}/{t.primary_metric}") in m]
             self.console.print(f"[cyan]tasks  step {m['step']:>6} | "

@@ -23,7 +23,6 @@ manifests existed load with a warning that they cannot be verified.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kiln import __version__
+from kiln import __version__, faults
 from kiln.errors import KilnError, warn
 from kiln.files import fsync_dir, fsync_file, write_atomic
 from kiln.safeload import (
@@ -351,19 +350,6 @@ def save_failure(e: BaseException, where: Path) -> str:
     return f"{text[:160]}; {free}"
 
 
-_faults_done = [0]
-
-
-def _injected_fault(step: int) -> None:
-    """KILN_FAULT_SAVE=N: the first N saves of this process fail with an I/O error after
-    writing their weights; KILN_FAULT_SAVE=stepS: every save of step S does (drills for
-    checkpoint.on_save_error, async saves and the cleanup)."""
-    spec = os.environ.get("KILN_FAULT_SAVE") or "0"
-    if spec == f"step{step}" or (spec.isdigit() and _faults_done[0] < int(spec)):
-        _faults_done[0] += 1
-        raise OSError(errno.EIO, "Input/output error (injected by KILN_FAULT_SAVE)")
-
-
 def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | None,
          trainer: dict[str, Any], config_yaml: str, optim: dict[str, Any] | None = None,
          rng: dict[str, Any] | None = None, tokenizer: Path | None = None,
@@ -381,7 +367,7 @@ def save(run_dir: str | Path, step: int, *, model: dict[str, torch.Tensor] | Non
         if model is not None:
             save_file(dedupe_tied(model), str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
-        _injected_fault(step)
+        faults.save(step)  # a drill (KILN_FAULT_SAVE)
         if optim is not None:
             torch.save(optim, tmp / "optim.pt")
         if rng is not None:
@@ -846,6 +832,28 @@ def load(path: str | Path, *, with_optim: bool = True, with_rng: bool = False,
                             "is damaged") from None
         optim = load_pt(p / "optim.pt") if with_optim else None
     return Checkpoint(path=p, model=model, trainer=trainer, config=config, optim=optim, rng=rng)
+
+
+def read_rng(f: Path, device: torch.device, verify: str = "full") -> dict[str, torch.Tensor]:
+    """A checkpoint's rng.pt, verified against the manifest and checked to hold the generator
+    states this device restores."""
+    rng = load_pt(f, data=read_part(f.parent, f.name, verify))
+    need = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
+    for key in need:
+        t = rng.get(key) if isinstance(rng, dict) else None
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+            if key == "cuda" and isinstance(rng, dict) and "cpu" in rng:
+                warn(f"{f} has no CUDA generator state (written on CPU); GPU random numbers "
+                     "start fresh")
+                continue
+            raise KilnError(f"{f} holds no {key} generator state; it is not this run's rng.pt: "
+                            "restore the file the run wrote")
+    try:  # a byte tensor of the wrong length is refused by torch: try it on a scratch copy
+        torch.Generator().set_state(rng["cpu"])
+    except RuntimeError as e:
+        raise KilnError(f"{f} holds a cpu generator state torch rejects ({one_line(e)[:80]}); "
+                        "restore the file the run wrote") from None
+    return {k: rng[k] for k in need if k in rng}
 
 
 def check_shapes(saved: dict[str, Any], model_state: dict[str, torch.Tensor],

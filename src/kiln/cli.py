@@ -17,6 +17,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from kiln.config import load_run_config
     from kiln.start import parse_extend_to
 
+    if args.profile is not None:  # for this invocation (not saved with the run)
+        overrides = [*overrides, f"--log.profile={args.profile}"]
     cfg = load_run_config(args.config, overrides)
     extend_to = parse_extend_to(args.extend_to) if args.extend_to else None
     if args.dry_run:
@@ -103,6 +105,7 @@ class VerifyFailed(KilnError):
 def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None) -> int:
     from rich.console import Console
 
+    from kiln.data.build import build_datasets
     from kiln.plan import (
         NO_DATA_LINE,
         data_lines,
@@ -111,7 +114,7 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
         plan_lines,
     )
     from kiln.start import plan_start
-    from kiln.trainer import build_datasets, check_run_dir
+    from kiln.trainer import check_run_dir
 
     check_run_dir(cfg.trainer.run_dir)  # what training would refuse before anything else
     console = Console(highlight=False, soft_wrap=True)
@@ -378,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "step and LR to the final LR at END (5000, 5000steps, 2e9tokens)")
     p.add_argument("--extend-shape", choices=["cosine", "linear"], default="cosine",
                    help="shape of the --extend-to decay (default cosine)")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="record N steps with torch.profiler (after two warmup steps) into "
+                   "RUN_DIR/profile/: a Perfetto trace and a table of the top operators")
     p.add_argument("--resume-from", default=None, metavar="stepN",
                    help="resume from this checkpoint of the run instead of the latest (see "
                    "kiln checkpoint verify RUN_DIR)")

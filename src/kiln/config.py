@@ -367,6 +367,10 @@ class TrainerConfig:
     """Steps of loss and gradient-norm history the spike detector compares a step with."""
     spike_zscore: Annotated[float, Positive(1e6)] = 6.0
     """How many standard deviations above the window's mean make a spike."""
+    gc_interval: Annotated[int, AtLeast(0, MAX_COUNT)] = 50
+    """Python's automatic garbage collector is off while training, and every gc_interval steps
+    each rank collects (the same step on every rank, so no rank stalls the others at a random
+    moment); its time is logged as gc_time. 0 leaves Python's collector as it is."""
 
 
 @dataclass
@@ -456,6 +460,10 @@ class LogConfig:
     wandb_mode: Literal["auto", "online", "offline"] = "auto"
     """auto: the WANDB_MODE environment variable, else online; offline needs no account
     (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later)."""
+    profile: Annotated[int, AtLeast(0, 1000)] = 0
+    """Record this many training steps with torch.profiler (after two warmup steps) and write
+    RUN_DIR/profile/trace-stepA-B.json (Perfetto / chrome://tracing) and top-ops-stepA-B.txt;
+    0: no profile. `kiln train ... --profile N` sets it for one invocation."""
 
 
 @dataclass
@@ -994,7 +1002,11 @@ class RunNumbers:
     """Where the run ends: hard_stop if set and earlier than total_steps."""
 
 
-def run_numbers(cfg: Config, world_size: int = 1) -> RunNumbers:
+def run_numbers(cfg: Config, world_size: int = 1, total_steps: int | None = None
+                ) -> RunNumbers:
+    """The numbers a run derives from its config. `total_steps`: the end a start plan fixed
+    (a resumed run's saved schedule, --extend-to), in place of trainer.max_duration's; the
+    run then stops there, or at trainer.hard_stop if that comes first."""
     t = cfg.trainer
     if t.global_batch_size % (t.micro_batch_size * world_size):
         raise KilnError(
@@ -1002,7 +1014,7 @@ def run_numbers(cfg: Config, world_size: int = 1) -> RunNumbers:
             f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
         )
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    total = t.max_duration.to_steps(tokens_per_step)
+    total = t.max_duration.to_steps(tokens_per_step) if total_steps is None else total_steps
     if total < 1:
         raise KilnError("trainer.max_duration is shorter than one step")
     warmup = min(cfg.schedule.warmup.to_steps(tokens_per_step), total)

@@ -8,6 +8,7 @@ device) and returns the module to train; the model code never knows it is distri
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,6 +58,15 @@ def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
     return info
+
+
+def pick_device(name: str) -> torch.device:
+    """trainer.device resolved: auto is CUDA when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KilnError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    return torch.device(name)
 
 
 def parse_device(text: str | None, flag: str = "--device") -> torch.device:
@@ -114,6 +124,40 @@ def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> No
 def wants_compile(pcfg, device: torch.device) -> bool:
     """parallel.compile resolved: auto compiles on CUDA only."""
     return device.type == "cuda" if pcfg.compile == "auto" else bool(pcfg.compile)
+
+
+class CompileWatch:
+    """With compiled blocks: say how long the first step took (compiling), and warn once when
+    a later step compiles again (a shape or guard that changes recompiles every time, silently
+    slowing the run)."""
+
+    def __init__(self, enabled: bool, start_step: int, note):
+        self.enabled, self.start_step, self.note = enabled, start_step, note
+        self.warned = False
+
+    @contextmanager
+    def around(self, step: int):
+        """Wrap the train step that ends at `step` + 1."""
+        if not self.enabled:
+            yield
+            return
+        import time
+
+        from torch._dynamo.utils import counters
+
+        from kiln.errors import warn
+
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        yield
+        new = counters["stats"]["unique_graphs"] - graphs
+        if step == self.start_step:
+            self.note(f"torch.compile: the first step took {time.perf_counter() - t0:.1f} s, "
+                      f"compiling {new} graph(s)")
+        elif new and step >= self.start_step + 2 and not self.warned:
+            self.warned = True
+            warn(f"torch.compile compiled {new} new graph(s) in step {step + 1}: something in "
+                 "the step changes shape or type; every recompilation costs the first step's "
+                 "time again (TORCH_LOGS=recompiles shows why)")
 
 
 def apply_compile(model: nn.Module) -> None:

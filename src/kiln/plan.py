@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kiln.config import Config, run_numbers
 from kiln.errors import KilnError
+from kiln.hardware import GPUS
 from kiln.model import flops_per_token
 from kiln.schedule import LRSchedule
 
@@ -23,11 +24,7 @@ def threads_warning(threads: int | None) -> str | None:
 
 def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], list[str]]:
     """(lines describing the run, loud warnings); `plan` is a kiln.start.StartPlan."""
-    n = run_numbers(cfg, world_size)
-    if plan is not None:
-        n.total_steps = plan.total_steps
-        if cfg.trainer.hard_stop is None:
-            n.stop_step = plan.total_steps
+    n = run_numbers(cfg, world_size, plan.total_steps if plan is not None else None)
     m, d, t = cfg.model, cfg.data, cfg.trainer
     lines, warnings = [], []
     if (many := threads_warning(t.threads)) is not None:
@@ -76,12 +73,10 @@ def data_lines(cfg: Config, train_windows: int, val_windows: int | None,
                total_tokens: int, n_files: int, plan=None) -> tuple[list[str], list[str]]:
     """(lines, loud warnings) about the data; `plan` (a StartPlan) brings the tokens already
     seen, so a resume after a batch change counts the earlier steps at their own batch."""
-    n = run_numbers(cfg)
-    total, stop = n.total_steps, n.stop_step
+    n = run_numbers(cfg, total_steps=plan.total_steps if plan is not None else None)
+    stop = n.stop_step
     done_steps, done_tokens = 0, 0
     if plan is not None:
-        total = plan.total_steps
-        stop = total if cfg.trainer.hard_stop is None else min(stop, total)
         done_steps, done_tokens = plan.step, plan.tokens_seen
     per_epoch = train_windows * cfg.data.seq_len
     tokens = done_tokens + max(stop - done_steps, 0) * n.tokens_per_step
@@ -301,39 +296,13 @@ def fmt_bytes(n: float) -> str:
 # --------------------------------------------------------------------------------------------
 # GPUs
 
-GPU_MEMORY = {
-    "h100": 80e9,
-    "h200": 141e9,
-    "a100": 80e9,
-    "a100-40gb": 40e9,
-    "b200": 180e9,
-    "l40s": 48e9,
-    "a10g": 24e9,
-}
-"""GPU memory in the vendor's GB (1e9 bytes). What torch sees is a little more (an H100 80GB
-reports 79.6 GiB = 85.5e9 bytes), which leaves room besides CUDA_OVERHEAD_BYTES; B200: the
-180 GB it exposes of its 192 GB."""
-
-EXTRA_PEAK_FLOPS = {"B200": (2.25e15, 80e12)}
-"""Dense (no sparsity) peak FLOP/s, (bf16, fp32), of GPUs kiln.trainer.PEAK_FLOPS (the table
-MFU is reported against) does not list."""
-
-
 def gpu_spec(name: str, precision: str = "bf16") -> tuple[float, float]:
-    """(memory bytes, dense peak FLOP/s in `precision`) of a GPU named as in GPU_MEMORY; the
-    FLOPs come from kiln.trainer.PEAK_FLOPS, the table a run's MFU is measured against."""
-    from kiln.trainer import PEAK_FLOPS
+    """(memory bytes, dense peak FLOP/s in `precision`) of a GPU named as `--gpu` takes it,
+    from kiln.hardware's table, the one a run's MFU is measured against."""
+    from kiln.hardware import by_name
 
-    key = name.lower()
-    if key not in GPU_MEMORY:
-        import difflib
-
-        close = difflib.get_close_matches(key, list(GPU_MEMORY), n=1, cutoff=0.4)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KilnError(f"unknown --gpu {name!r}{hint}; known: {', '.join(GPU_MEMORY)}")
-    family = key.split("-")[0].upper()
-    bf16, fp32 = {**EXTRA_PEAK_FLOPS, **PEAK_FLOPS}[family]
-    return GPU_MEMORY[key], bf16 if precision == "bf16" else fp32
+    gpu = by_name(name)
+    return gpu.memory, gpu.bf16 if precision == "bf16" else gpu.fp32
 
 
 def largest_micro_batch(cfg: Config, gpu_memory_bytes: float, world_size: int = 1,
@@ -488,7 +457,7 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="GPUs (ranks) the run will use (default 1)")
     p.add_argument("--gpu", default=None, metavar="NAME",
-                   help=f"GPU to plan for: {', '.join(GPU_MEMORY)} (default h100)")
+                   help=f"GPU to plan for: {', '.join(g.name for g in GPUS)} (default h100)")
     p.add_argument("--tokens-per-sec", type=float, default=None, metavar="X",
                    help="measured training throughput of ONE GPU, instead of an assumed MFU")
     p.add_argument("--mfu", type=float, default=None, metavar="F",
@@ -615,7 +584,7 @@ def checkpoint_lines(cfg: Config, stop: int, start: int, warmup: int, files: lis
 
     tok_bytes, tok_note = 0, ""
     if files:
-        from kiln.trainer import find_tokenizer
+        from kiln.data.build import find_tokenizer
 
         tok = find_tokenizer(cfg, files)
         tok_bytes = tok.stat().st_size if tok is not None and tok.is_file() else 0
@@ -679,7 +648,7 @@ def run_plan(args, overrides: list[str]) -> int:
         lines.append("epochs for the run    unknown (the data are URLs: kiln plan does not "
                      "fetch them; kiln train --dry-run does)")
     else:
-        from kiln.trainer import build_datasets
+        from kiln.data.build import build_datasets
 
         train, val, files = build_datasets(cfg)
         more, data_warnings = data_lines(cfg, len(train), None if val is None else len(val),
@@ -692,10 +661,8 @@ def run_plan(args, overrides: list[str]) -> int:
     out += more
     warnings += loud
 
-    n = run_numbers(cfg, world)
-    stop = (plan.total_steps if cfg.trainer.hard_stop is None
-            else min(n.stop_step, plan.total_steps))
-    start = plan.step
+    n = run_numbers(cfg, world, plan.total_steps)
+    stop, start = n.stop_step, plan.step
     out += time_lines(cfg, (stop - start) * n.tokens_per_step, world, gpu,
                       _compute_precision(cfg, device), device, mfu=args.mfu,
                       tokens_per_sec=args.tokens_per_sec,

@@ -42,6 +42,8 @@ class StartPlan:
     load_optimizer: bool = False
     load_data_position: bool = False
     data_state: dict | None = None
+    stability: dict | None = None
+    """The stability watch's history saved with the checkpoint (resume only)."""
     notes: list[str] = field(default_factory=list)
     """Plain-words description of the choices, for the console and --dry-run."""
 
@@ -100,7 +102,7 @@ def plan_start(cfg: Config, extend_to: Duration | None = None,
     plan = _plan_start(cfg, extend_to, extend_shape, resume_from)
     hard = cfg.trainer.hard_stop
     if hard is not None:
-        at = hard.to_steps(run_numbers(cfg).tokens_per_step)
+        at = run_numbers(cfg, total_steps=plan.total_steps).stop_step
         if at < plan.step:
             raise KilnError(f"trainer.hard_stop={hard} (step {at:,}) is before the current step "
                             f"{plan.step:,} of {cfg.trainer.run_dir}; give a later hard stop, or "
@@ -222,7 +224,7 @@ def _plan_resume(cfg: Config, latest: Path, extend_to: Duration | None,
         )
     return StartPlan("resume", schedule, total, step=step, tokens_seen=tokens, source=latest,
                      load_optimizer=True, load_data_position=True, data_state=trainer["data"],
-                     notes=notes)
+                     stability=trainer.get("stability"), notes=notes)
 
 
 def _plan_init(cfg: Config) -> StartPlan:
