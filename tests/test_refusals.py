@@ -152,3 +152,12 @@ def test_a_metrics_write_on_a_full_disk_leaves_no_torn_line(trained, tmp_path, u
     assert_one_line_error(r, "could not append to", "No space left", "at step 5")
     assert (disk / "metrics.jsonl").read_bytes() == history  # the torn record cut off again
     os.remove(disk / "filler")
+
+
+def test_more_threads_than_cores_is_warned_and_an_absurd_count_refused(pydoc_tokens, tmp_path):
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, tmp_path / "run")
+    cores = os.cpu_count() or 1
+    r = kiln_here("train", config, "--dry-run", f"--trainer.threads={cores + 1}")
+    assert r.returncode == 0 and f"is more than the {cores} cores" in r.stdout
+    assert_one_line_error(kiln_here("train", config, "--dry-run", "--trainer.threads=1e30"),
+                          "trainer.threads=", "must be <= 4096")

@@ -113,8 +113,8 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
         missing_data_warning,
         plan_lines,
     )
+    from kiln.rundir import check_run_dir
     from kiln.start import plan_start
-    from kiln.trainer import check_run_dir
 
     check_run_dir(cfg.trainer.run_dir)  # what training would refuse before anything else
     console = Console(highlight=False, soft_wrap=True)

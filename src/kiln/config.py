@@ -403,7 +403,7 @@ class CheckpointConfig:
     unsharded file set written by rank 0. Either kind loads at any world size."""
     verify_on_load: Literal["full", "size", "off"] = "full"
     """What a resume or init.from checks of each checkpoint file it reads against the
-    manifest written at save: full: size and SHA-256 (hashed beside the load, ~1.6 GB/s per
+    manifest written at save: full: size and SHA-256 (hashed beside the load, ~2 GB/s per
     core with SHA extensions); size: sizes only; off: nothing. A file that differs is refused
     in one line naming it and the newest checkpoint that passes."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Config, DataConfig, ModelConfig
-from kiln.errors import KilnError, warn
+from kiln.errors import KilnError, one_line, warn
 
 if TYPE_CHECKING:  # torch is imported where it is used: `kiln --help` stays fast
     import torch
@@ -52,10 +52,6 @@ PAD_CANDIDATES = ("<|padding|>", "<pad>", "<|pad|>", "[PAD]")
 
 # Stored by some older HF checkpoints; recomputed from the config, never a real weight.
 _IGNORED_HF_TENSORS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-def _one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +489,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise KilnError(f"cannot read {path}: {_one_line(e)}") from e
+        raise KilnError(f"cannot read {path}: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise KilnError(f"{path} is not a JSON object")
     return data
@@ -554,7 +550,7 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                 h = safe_open(str(f), framework="pt")
                 handles[fname] = (h, set(h.keys()))
             except (SafetensorError, OSError) as e:
-                raise KilnError(f"cannot read {f}: {_one_line(e)}; the file is truncated or "
+                raise KilnError(f"cannot read {f}: {one_line(e)}; the file is truncated or "
                                 "damaged") from e
         return handles[fname]
 
@@ -584,7 +580,7 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                                 f"implies {list(shape)}; the weights do not match config.json")
             state[kname] = f.get_tensor(hname)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise KilnError(f"cannot read tensor {hname} from {where}: {_one_line(e)}; the file "
+            raise KilnError(f"cannot read tensor {hname} from {where}: {one_line(e)}; the file "
                             "is truncated or damaged") from e
     for hname in weight_map:
         if hname in expected or _IGNORED_HF_TENSORS.match(hname):

@@ -140,7 +140,7 @@ from kiln.config import (
     TrainerConfig,
     config_from_dict,
 )
-from kiln.errors import KilnError
+from kiln.errors import KilnError, one_line
 from kiln.safeload import load_pt
 from kiln.schedule import LRSchedule, Segment
 
@@ -184,10 +184,6 @@ OLMO_TRAIN_DEFAULTS: dict[str, Any] = {
 
 _PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.", "module.")
 _BLOCK_GROUP = re.compile(r"^transformer\.block_groups\.(\d+)\.(\d+)\.")
-
-
-def _one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +566,7 @@ def read_config(olmo_dir: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise KilnError(f"cannot read {path}: {_one_line(e)[:200]}") from None
+        raise KilnError(f"cannot read {path}: {one_line(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise KilnError(f"{path} is not an OLMo TrainConfig (not a mapping)")
     return raw
