@@ -323,3 +323,16 @@ def test_plan_of_a_run_directory_uses_its_logged_mfu(tmp_path):
     cfg = config_from_dict(raw)
     expect = 953_675 * 512 * 4096 * flops_per_token(cfg.model, 4096) / (8 * 0.5 * 989e12) / 3600
     assert eight == pytest.approx(expect, rel=0.01)
+
+
+def test_plan_says_the_mfu_a_claimed_throughput_implies_and_warns_above_plausible(tmp_path):
+    # seed 001: olmo-1b at 49,500 tokens/s on one A100 is more than the A100's bf16 peak
+    r = kiln_here("plan", olmo_config(tmp_path), "--gpu", "a100", "--tokens-per-sec", 49500)
+    assert r.returncode == 0, r.stderr
+    mfu = float(re.search(r"MFU ([\d.]+) on a a100", r.stdout).group(1))
+    assert mfu > 1.0
+    assert re.search(r"WARNING: 49,500 tokens/s per GPU means MFU [\d.]+ on a a100 .* more "
+                     r"than the GPU's peak", r.stdout)
+    # a plausible one: its MFU is said, without a warning
+    r = kiln_here("plan", olmo_config(tmp_path), "--gpu", "h100", "--tokens-per-sec", 20000)
+    assert re.search(r"MFU 0\.[0-6]\d on a h100", r.stdout) and "WARNING: 20,000" not in r.stdout

@@ -473,12 +473,19 @@ def _hours_text(h: float) -> str:
     return f"{h:,.1f} h" + (f" ({h / 24:,.1f} d)" if h >= 48 else "")
 
 
+MFU_PLAUSIBLE = 0.7
+"""An MFU above this, implied by a claimed throughput, is warned about: well-tuned dense
+training reaches 0.4-0.6; above 1.0 is more than the GPU's peak."""
+
+
 def time_lines(cfg: Config, run_tokens: int, gpus: int, gpu: str, precision: str, device: str,
                mfu: float | None = None, tokens_per_sec: float | None = None,
-               run_dir: Path | None = None) -> list[str]:
+               run_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """kiln plan's time table: hours for the run's tokens and round numbers of tokens on 1
     and `gpus` GPUs, from `tokens_per_sec` (one GPU's), else `mfu`, else what the run in
-    `run_dir` logged, else :data:`MFU`. A CPU config without a throughput gets a hint."""
+    `run_dir` logged, else :data:`MFU`. A CPU config without a throughput gets a hint. A
+    throughput is checked against the GPU's peak: the MFU it implies is shown, and one above
+    :data:`MFU_PLAUSIBLE` is warned about. (lines, loud warnings)"""
     F = flops_per_token(cfg.model, cfg.data.seq_len)
     _, peak = gpu_spec(gpu, precision)
     source = None
@@ -495,7 +502,18 @@ def time_lines(cfg: Config, run_tokens: int, gpus: int, gpu: str, precision: str
                       " taken as one GPU's)")
     if source is None and device == "cpu":
         return ["", "# time: the config trains on CPU; pass --tokens-per-sec X (one process's "
-                "measured throughput) for hours, or --gpu NAME to plan for a GPU"]
+                "measured throughput) for hours, or --gpu NAME to plan for a GPU"], []
+    warnings = []
+    if tokens_per_sec:
+        implied = tokens_per_sec * F / peak
+        source += f", MFU {implied:.2f} on a {gpu} ({precision} peak)"
+        if implied > MFU_PLAUSIBLE:
+            beyond = " more than the GPU's peak:" if implied > 1 else ""
+            warnings.append(
+                f"WARNING: {tokens_per_sec:,.0f} tokens/s per GPU means MFU {implied:.2f} on "
+                f"a {gpu} ({F:.3g} FLOPs/token, {precision} peak {peak / 1e12:,.0f} TFLOP/s):"
+                f"{beyond} above the {MFU_PLAUSIBLE} dense training reaches at best; check the "
+                "figure (per GPU? per node? another model or sequence length?) and the --gpu")
     if source is None:
         source = (f"{gpu} dense {precision} peak {peak / 1e12:,.0f} TFLOP/s at MFU "
                   f"{mfu or MFU:.2f}" + (" (assumed)" if mfu is None else ""))
@@ -510,7 +528,7 @@ def time_lines(cfg: Config, run_tokens: int, gpus: int, gpu: str, precision: str
         out.append(f"{label:<26}" + "".join(
             f"{_hours_text(hours(tokens, F, g, peak, mfu or MFU, tokens_per_sec)):>22}"
             for g in cols))
-    return out
+    return out, warnings
 
 
 def memory_lines(cfg: Config, world: int, gpu: str, device: str) -> tuple[list[str], list[str]]:
@@ -663,10 +681,12 @@ def run_plan(args, overrides: list[str]) -> int:
 
     n = run_numbers(cfg, world, plan.total_steps)
     stop, start = n.stop_step, plan.step
-    out += time_lines(cfg, (stop - start) * n.tokens_per_step, world, gpu,
-                      _compute_precision(cfg, device), device, mfu=args.mfu,
-                      tokens_per_sec=args.tokens_per_sec,
-                      run_dir=Path(args.config) if Path(args.config).is_dir() else None)
+    more, loud = time_lines(cfg, (stop - start) * n.tokens_per_step, world, gpu,
+                            _compute_precision(cfg, device), device, mfu=args.mfu,
+                            tokens_per_sec=args.tokens_per_sec,
+                            run_dir=Path(args.config) if Path(args.config).is_dir() else None)
+    out += more
+    warnings += loud
 
     more, loud = checkpoint_lines(cfg, stop, start, n.warmup_steps, files)
     out += more
