@@ -106,6 +106,9 @@ SHAPES = {
     # activation checkpointing: only the blocks' inputs are kept
     "checkpointed": dict(d_model=128, n_layers=4, n_heads=2, mlp=512, vocab=8192, seq=256,
                          micro=16, batch=16, tied=True, ac="full"),
+    # selective: every block keeps its matmuls' outputs, recomputes the pointwise ops
+    "selective": dict(d_model=128, n_layers=4, n_heads=2, mlp=512, vocab=8192, seq=256,
+                      micro=16, batch=16, tied=True, ac="selective"),
 }
 
 

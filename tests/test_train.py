@@ -137,7 +137,7 @@ def test_every_schedule_trains(pydoc_tokens, tmp_path, schedule):
 
 def test_activation_checkpointing_changes_memory_not_results(pydoc_tokens, tmp_path):
     plain = train(tiny_cfg(pydoc_tokens, tmp_path / "a", trainer__max_duration=5))
-    for mode in ("full", "every_n"):
+    for mode in ("full", "every_n", "selective"):
         ac = train(tiny_cfg(pydoc_tokens, tmp_path / mode, trainer__max_duration=5,
                             parallel__activation_checkpointing=mode))
         assert losses(tmp_path / mode) == losses(tmp_path / "a"), mode

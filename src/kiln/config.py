@@ -418,7 +418,12 @@ class ParallelConfig:
     """HSDP: ranks per shard group (default: processes per node)."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """FSDP parameter dtype for compute; auto: bf16 when trainer precision is bf16."""
-    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    activation_checkpointing: Literal["none", "full", "every_n", "selective"] = "none"
+    """Recompute activations in the backward pass to save memory. full: every block keeps
+    only its input; every_n: every ac_every-th block does; selective: every block keeps the
+    outputs of its matmuls and attention and recomputes the cheap pointwise ops between them
+    (norms, RoPE, SiLU, products), most of full's saving on the big tensors at a fraction of
+    its recompute."""
     ac_every: Annotated[int, AtLeast(1, 2**16)] = 2
     """every_n: checkpoint every n-th block."""
     compile: bool | Literal["auto"] = "auto"

@@ -110,15 +110,48 @@ def build_mesh(dp: str, pcfg: ParallelConfig, info: DistInfo, device: torch.devi
 
 
 def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> None:
-    """Recompute each (or every n-th) block's activations in the backward pass."""
-    if pcfg.activation_checkpointing == "none":
+    """Recompute activations in the backward pass instead of keeping them: every block's
+    (full), every n-th block's (every_n), or in every block only the cheap ones (selective:
+    the outputs of matmuls and attention are kept, the pointwise ops between them, norms,
+    RoPE, SiLU, products, are recomputed)."""
+    mode = pcfg.activation_checkpointing
+    if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    every = 1 if pcfg.activation_checkpointing == "full" else max(pcfg.ac_every, 1)
+    kwargs = {}
+    if mode == "selective":
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    every = max(pcfg.ac_every, 1) if mode == "every_n" else 1
     for i, block in enumerate(model.blocks):
         if i % every == 0:
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+
+
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+_SAVED: set | None = None
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing's policy: keep what a matmul or attention kernel
+    made (expensive to redo), recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    global _SAVED
+    if _SAVED is None:
+        _SAVED = _saved_ops()
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def wants_compile(pcfg, device: torch.device) -> bool:

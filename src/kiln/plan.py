@@ -139,6 +139,15 @@ def layer_bytes_per_token(m, precision: str) -> int:
     return norms + linear_in + attn + mlp + qk
 
 
+def selective_bytes_per_token(m, precision: str) -> int:
+    """What a block keeps per token under selective activation checkpointing: its input (fp32)
+    and the outputs of its matmuls and attention kernel (q, k, v, o; attention's output and
+    log-sum-exp; gate, up, down); the pointwise ops between them are recomputed."""
+    s = 2 if precision == "bf16" else 4
+    d, h, kv = m.d_model, m.hidden_size, m.kv_heads * m.head_dim
+    return 4 * d + s * (d + 2 * kv) + s * d + 4 * m.n_heads + s * d + 2 * s * h + s * d
+
+
 def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
                     device: str | None = None, micro_batch_size: int | None = None,
                     activation_checkpointing: str | None = None) -> dict:
@@ -184,7 +193,9 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
       weights (no FSDP, or parallel.param_dtype=fp32) each block also keeps the bf16 copy
       of its weights, 2 P_block. A block costs N x those bytes (+ the copies); activation
       checkpointing keeps only each checkpointed block's input, 4 N d: full = L * 4 N d,
-      every_n with k = ceil(L / ac_every) checkpointed blocks = k * 4 N d + (L - k) blocks.
+      every_n with k = ceil(L / ac_every) checkpointed blocks = k * 4 N d + (L - k) blocks;
+      selective keeps in every block its input and its matmuls' and attention's outputs,
+      N (4 d + s (4 d + 2 kv + 2 h) + 4 H) (see selective_bytes_per_token).
       A checkpointed block is recomputed in the backward pass, after the loss has freed
       its buffers: when one block + 8 N d (the gradient flowing in and out) + 4 V d (the
       head's gradient, with one micro-batch per step) is more than the loss row, that is
@@ -244,7 +255,9 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     weight_copies = 2 * block_p if bf16 and pb == 4 else 0
     block = N * layer_bytes_per_token(m, precision) + weight_copies
     inputs = 4 * N * d
-    k = {"full": L, "every_n": -(-L // max(pc.ac_every, 1))}.get(ac, 0)  # checkpointed
+    if ac == "selective":  # every block keeps more than its input: its matmuls' outputs
+        inputs = N * selective_bytes_per_token(m, precision)
+    k = {"full": L, "every_n": -(-L // max(pc.ac_every, 1)), "selective": L}.get(ac, 0)
     acts = k * inputs + (L - k) * block + 8 * m.max_seq_len * m.head_dim
     if cfg.data.document_mask:
         acts += N * T
