@@ -912,8 +912,13 @@ def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
-        return get_model_state_dict(model, options=opts), None
-    return get_state_dict(model, optimizer, options=opts)
+        msd, osd = get_model_state_dict(model, options=opts), None
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:  # gathered shards are separate tensors: the
+        msd.pop("lm_head.weight", None)  # tied head is saved once, as embed.weight
+    return msd, osd
 
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None

@@ -413,7 +413,13 @@ class ParallelConfig:
     """Scaling out under torchrun (see docs/scaling.md)."""
 
     dp: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
-    """Data parallelism; auto: ddp when launched with more than one process, else none."""
+    """Data parallelism; auto: ddp when launched with more than one process, else none (or,
+    with tensor parallelism over all of them, none)."""
+    tp: Annotated[int, AtLeast(1, 2**16)] = 1
+    """Tensor parallelism: each block's attention heads and MLP width, and the vocabulary of
+    the embedding and output head, split over this many ranks (consecutive ranks, within a
+    node); the norms run sequence-parallel. The world is dp x tp ranks; data parallelism with
+    it is fsdp or hsdp (2-D / 3-D), or none when tp takes every rank."""
     shard_size: Annotated[int | None, AtLeast(1, 2**20)] = None
     """HSDP: ranks per shard group (default: processes per node)."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"

@@ -129,3 +129,91 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     loss, ce, tok = _LinearCrossEntropy.apply(hidden, weight, targets, float(z_loss),
                                               max(1, chunk), torch.is_grad_enabled())
     return (loss, ce, tok) if per_token else (loss, ce)
+
+
+# --------------------------------------------------------------------------------------------
+# Over vocabulary shards (tensor parallelism)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """The same fused, chunked loss with the head split by vocabulary over a process group:
+    each rank holds ``weight`` rows [start, start + V_local) and every rank the same hidden
+    states and targets. Per chunk the softmax's max, its sum and the target's logit are
+    combined over the group (three all-reduces of one number per token); the gradient for the
+    hidden states is each rank's part, summed over the group once at the end. The loss and
+    every gradient are those of the unsplit loss, to the order of the sums."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, group, start: int,
+                z_loss: float, chunk_size: int, grad_enabled: bool):
+        import torch.distributed as dist
+
+        dev = hidden.device.type
+        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                 else torch.promote_types(hidden.dtype, weight.dtype))
+        need_h, need_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
+        acc = torch.promote_types(dtype, torch.float32)
+        n, v_local = hidden.size(0), weight.size(0)
+        w = weight.to(dtype)
+        ce_tok = torch.empty(n, dtype=acc, device=hidden.device)
+        z_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h \
+            else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        chunk_size = -(-n // -(-n // chunk_size))
+        with torch.autocast(dev, enabled=False):
+            for lo in range(0, n, chunk_size):
+                h = hidden[lo:lo + chunk_size].to(dtype)
+                local_t = targets[lo:lo + chunk_size] - start
+                mine = (local_t >= 0) & (local_t < v_local)
+                idx = local_t.clamp(0, v_local - 1)[:, None]
+                logits = (h @ w.t()).to(acc)
+                target_logit = torch.where(mine, logits.gather(1, idx).squeeze(1), 0)
+                m = logits.amax(dim=-1)
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                e = logits.sub_(m[:, None]).exp_()
+                s = e.sum(dim=-1)
+                dist.all_reduce(s, group=group)
+                dist.all_reduce(target_logit, group=group)
+                lse = m + s.log()
+                ce_tok[lo:lo + chunk_size] = lse - target_logit
+                if z_loss > 0:
+                    z_sum += (lse * lse).sum()
+                if not (need_h or need_w):
+                    continue
+                grad = e.mul_(((1 + 2 * z_loss * lse) / (n * s))[:, None])
+                grad.scatter_add_(1, idx, torch.where(mine, -1 / n, 0.0)[:, None].to(acc))
+                grad = grad.to(dtype)
+                if need_h:
+                    grad_h[lo:lo + chunk_size] = grad @ w
+                if need_w:
+                    grad_w += grad.t() @ h
+        if need_h:  # every rank's vocabulary contributes to each hidden state's gradient
+            dist.all_reduce(grad_h, group=group)
+        ce = ce_tok.sum() / n
+        loss = ce + z_loss * (z_sum / n) if z_loss > 0 else ce.clone()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.mark_non_differentiable(ce, ce_tok)
+        return loss, ce, ce_tok
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_tok: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, group,
+                                 start: int, *, z_loss: float = 0.0,
+                                 chunk_size: int | None = None, per_token: bool = False
+                                 ) -> tuple[Tensor, ...]:
+    """:func:`linear_cross_entropy` with ``weight`` this rank's rows [start, start + V_local)
+    of the head, split over ``group`` (tensor parallelism); the same ``(loss, ce)`` on every
+    rank of the group."""
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.size(0))
+    loss, ce, tok = _VocabParallelCrossEntropy.apply(
+        hidden, weight, targets, group, int(start), float(z_loss), max(1, chunk),
+        torch.is_grad_enabled())
+    return (loss, ce, tok) if per_token else (loss, ce)

@@ -133,6 +133,11 @@ def document_mask(doc_ids: Tensor) -> Tensor:
     return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and_(causal)[:, None]
 
 
+def _local(x: Tensor) -> Tensor:
+    """This rank's part of a DTensor (tensor parallelism); a plain tensor as it is."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """[B, kv_heads, T, hd] -> [B, kv_heads * n_rep, T, hd]; query head h uses kv head h//n_rep."""
     if n_rep == 1:
@@ -167,8 +172,8 @@ class Attention(nn.Module):
         causal mask."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # (under tensor parallelism: over every rank's heads)
+            q, k = _local(self.q_norm(q)), _local(self.k_norm(k))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -272,6 +277,7 @@ class Transformer(nn.Module):
         # cos/sin tables: a plain attribute, not a buffer, so they stay out of state_dict and
         # are not turned into uninitialised memory by to_empty(); rebuilt lazily in _rope().
         self._rope_cache: tuple[Tensor, Tensor] | None = None
+        self.tp_mesh = None  # set by kiln.parallel.apply_tp: the head works on vocab shards
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -364,6 +370,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = start + T
         x = self.final_norm(x)
+        if self.tp_mesh is not None:
+            return self._vocab_parallel_head(x, targets, z_loss, per_token, logits_at)
         if targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
                                         targets.reshape(-1), z_loss=z_loss,
@@ -371,6 +379,31 @@ class Transformer(nn.Module):
         if logits_at is not None:
             return self.lm_head(x.flatten(0, 1)[logits_at])
         return self.lm_head(x)
+
+    def _vocab_parallel_head(self, x: Tensor, targets: Tensor | None, z_loss: float,
+                             per_token: bool, logits_at: Tensor | None):
+        """The output layer under tensor parallelism: `x` is this rank's slice of the tokens
+        (sequence parallel), the head's weight its slice of the vocabulary. The tokens are
+        gathered, and the loss is computed over the vocabulary shards (the logits are gathered
+        only when asked for)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        from kiln.losses import vocab_parallel_cross_entropy
+
+        mesh = self.tp_mesh
+        full = DTensor.from_local(x, mesh, [Shard(1)]).redistribute(mesh, [Replicate()])
+        h = full.to_local().flatten(0, 1)
+        w = _local(self.lm_head.weight)
+        if targets is not None:
+            return vocab_parallel_cross_entropy(
+                h, w, targets.reshape(-1), mesh.get_group(), mesh.get_local_rank() * w.size(0),
+                z_loss=z_loss, per_token=per_token)
+        if logits_at is not None:
+            h = h[logits_at]
+        local = F.linear(h, w)
+        logits = DTensor.from_local(local, mesh, [Shard(-1)]).full_tensor()
+        return logits if logits_at is not None else logits.view(*x.shape[:1], -1,
+                                                                 logits.size(-1))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -26,6 +26,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    tp: int = 1
+    """Ranks per tensor-parallel group: consecutive ranks, which see the same batch."""
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +36,15 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: how many ways each global batch is split."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
 
 
 def dist_info_from_env() -> DistInfo:
@@ -44,12 +55,38 @@ def dist_info_from_env() -> DistInfo:
                     int(env.get("LOCAL_WORLD_SIZE", str(world))))
 
 
+def check_layout(cfg: Config, world_size: int | None) -> None:
+    """Refuse, in one line and before any weight is built, a layout that cannot split the
+    model or (given `world_size`, the processes launched) the ranks."""
+    pc, m = cfg.parallel, cfg.model
+    tp = pc.tp
+    if tp == 1:
+        return
+    for what, n in (("model.n_heads", m.n_heads), ("the kv heads (model.n_kv_heads)",
+                    m.kv_heads), ("the MLP width (model.hidden_size)", m.hidden_size),
+                    ("the padded vocabulary", m.padded_vocab_size)):
+        if n % tp:
+            raise KilnError(f"parallel.tp={tp} cannot split {what} = {n}; choose a tp that "
+                            "divides it")
+    if pc.dp == "ddp":
+        raise KilnError(f"parallel.tp={tp} combines with parallel.dp=fsdp or hsdp (2-D / 3-D), "
+                        "not ddp; set parallel.dp=fsdp")
+    if world_size is not None and world_size % tp:
+        raise KilnError(f"parallel.tp={tp} does not divide the {world_size} processes launched; "
+                        f"launch a multiple of {tp} (dp x tp ranks)")
+    if pc.dp == "none" and world_size is not None and world_size != tp:
+        raise KilnError(f"parallel.dp=none with parallel.tp={tp} needs exactly {tp} processes, "
+                        f"not {world_size}; set parallel.dp=fsdp for dp x tp")
+
+
 def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on CPU)."""
     info = dist_info_from_env()
+    info.tp = cfg.parallel.tp
+    check_layout(cfg, info.world_size)
     if not info.enabled:
         return info
-    if cfg.parallel.dp == "none":
+    if cfg.parallel.dp == "none" and info.tp != info.world_size:
         raise KilnError(f"{info.world_size} processes were launched but parallel.dp=none; set "
                         "parallel.dp to ddp, fsdp or hsdp (or auto)")
     if not dist.is_initialized():
@@ -92,21 +129,30 @@ def parse_device(text: str | None, flag: str = "--device") -> torch.device:
 
 def resolve_dp(pcfg: ParallelConfig, info: DistInfo) -> str:
     if pcfg.dp == "auto":
+        if info.tp > 1:
+            return "fsdp" if info.dp_size > 1 else "none"
         return "ddp" if info.enabled else "none"
     return pcfg.dp
 
 
 def build_mesh(dp: str, pcfg: ParallelConfig, info: DistInfo, device: torch.device):
+    """The device mesh: data-parallel dimensions ("replicate", "shard": hsdp; "shard": fsdp)
+    then "tp" (innermost: a tensor-parallel group is consecutive ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    dims: list[tuple[str, int]] = []
     if dp == "hsdp":
-        shard = pcfg.shard_size or info.local_world_size
-        if info.world_size % shard:
-            raise KilnError(f"parallel.shard_size={shard} does not divide the world size "
-                            f"{info.world_size}")
-        return init_device_mesh(device.type, (info.world_size // shard, shard),
-                                mesh_dim_names=("replicate", "shard"))
-    return init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("shard",))
+        shard = pcfg.shard_size or max(info.local_world_size // info.tp, 1)
+        if info.dp_size % shard:
+            raise KilnError(f"parallel.shard_size={shard} does not divide the {info.dp_size} "
+                            "data-parallel ranks")
+        dims = [("replicate", info.dp_size // shard), ("shard", shard)]
+    elif dp == "fsdp":
+        dims = [("shard", info.dp_size)]
+    if info.tp > 1:
+        dims.append(("tp", info.tp))
+    return init_device_mesh(device.type, tuple(n for _, n in dims),
+                            mesh_dim_names=tuple(name for name, _ in dims))
 
 
 def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> None:
@@ -212,18 +258,82 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None,
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+def apply_tp(model: nn.Module, mesh) -> None:
+    """Tensor parallelism over `mesh` (1-D, the "tp" ranks), with PyTorch's DTensor plans:
+    q/k/v and gate/up column-wise (each rank its heads and its slice of the MLP width), o and
+    down row-wise, the embedding and output head split by vocabulary, and the norms (and the
+    residual stream between blocks) sequence-parallel: each rank holds its slice of the
+    tokens there. The output head and the loss work on the vocabulary shards
+    (kiln.losses.vocab_parallel_cross_entropy): the full logits are never gathered."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = mesh.size()
+    tied = model.cfg.tie_embeddings
+    parallelize_module(model, mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "final_norm": SequenceParallel(use_local_output=True),
+    })
+    if tied:
+        model._tie()  # the head is the (now vocabulary-sharded) embedding
+    else:
+        model.lm_head.weight = nn.Parameter(distribute_tensor(model.lm_head.weight, mesh,
+                                                              [Shard(0)]))
+    qk = model.cfg.qk_norm
+    # a sublayer takes the whole sequence (gathered); attention's other inputs (RoPE tables,
+    # KV cache, start, document mask) as they are
+    gathered = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                    use_local_output=False)
+    rest = (None,) * 5
+    gathered_attn = dict(input_layouts=(Shard(1), *rest),
+                         desired_input_layouts=(Replicate(), *rest), use_local_output=False)
+    for block in model.blocks:
+        parallelize_module(block, mesh, {
+            "attn_norm": SequenceParallel(use_local_output=True),
+            "mlp_norm": SequenceParallel(use_local_output=True),
+            "attn": PrepareModuleInput(**gathered_attn),
+            "attn.q_proj": ColwiseParallel(use_local_output=not qk),
+            "attn.k_proj": ColwiseParallel(use_local_output=not qk),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp": PrepareModuleInput(**gathered),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+        attn = block.attn
+        attn.n_heads, attn.kv_heads = attn.n_heads // tp, attn.kv_heads // tp  # this rank's
+        for norm in (attn.q_norm, attn.k_norm):  # over all heads: each rank its slice
+            if norm is not None:
+                for name in ("weight", "bias"):
+                    t = getattr(norm, name)
+                    if t is not None:
+                        setattr(norm, name, nn.Parameter(distribute_tensor(t, mesh,
+                                                                           [Shard(0)])))
+    model.tp_mesh = mesh
+
+
 def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.device,
                 precision: str) -> tuple[nn.Module, str]:
-    """Apply AC, compile and data parallelism. Returns (module to train, dp mode used)."""
+    """Apply TP, AC, compile and data parallelism. Returns (module to train, dp mode used)."""
     pcfg = cfg.parallel
     dp = resolve_dp(pcfg, info)
+    mesh = build_mesh(dp, pcfg, info, device) if dp in ("fsdp", "hsdp") or info.tp > 1 else None
+    if info.tp > 1:
+        apply_tp(model, mesh["tp"])
     apply_activation_checkpointing(model, pcfg)
     if wants_compile(pcfg, device):
         apply_compile(model)
     if dp in ("fsdp", "hsdp"):
-        mesh = build_mesh(dp, pcfg, info, device)
+        dp_mesh = mesh["shard"] if dp == "fsdp" else mesh["replicate", "shard"]
         bf16 = precision == "bf16" and pcfg.param_dtype != "fp32"
-        apply_fsdp(model, mesh, torch.bfloat16 if bf16 else None, torch.float32)
+        apply_fsdp(model, dp_mesh, torch.bfloat16 if bf16 else None, torch.float32)
         return model, dp
     if dp == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

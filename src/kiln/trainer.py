@@ -104,13 +104,14 @@ class Trainer:
             # hashed while the model is built; checked when the load takes the digests
             ckpt.hash_ahead(self.plan.source, ckpt.WEIGHT_PARTS + ["optim.pt"] * (
                 self.plan.load_optimizer), cfg.checkpoint.verify_on_load)
-        self.numbers: RunNumbers = run_numbers(cfg, self.dist.world_size, self.plan.total_steps)
+        # the batch is split over the data-parallel ranks (a tensor-parallel group shares one)
+        self.numbers: RunNumbers = run_numbers(cfg, self.dist.dp_size, self.plan.total_steps)
         self.tokenizer_path = find_tokenizer(cfg, files)
         self.data_fingerprint = [fingerprint(f.path) for f in files]
         entropies = [f.meta.get("unigram_entropy") for f in files]
         self.unigram_entropy = entropies[0] if len(files) == 1 else None
         self.loader = BatchLoader(self.train_data, t.global_batch_size, cfg.data.seed,
-                                  rank=self.dist.rank, world_size=self.dist.world_size,
+                                  rank=self.dist.dp_rank, world_size=self.dist.dp_size,
                                   prefetch=cfg.data.prefetch,
                                   pin_memory=self.device.type == "cuda")
 

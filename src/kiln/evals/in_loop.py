@@ -75,7 +75,7 @@ class InLoopEval:
         idx = eval_indices(t.val_data, t.cfg.trainer.eval_batches * micro)
         # each rank evaluates its share of the windows (every rank runs the same number of
         # forward passes, which FSDP needs); the sums are combined across ranks
-        world, rank = t.dist.world_size, t.dist.rank
+        world, rank = t.dist.dp_size, t.dist.dp_rank  # (a tensor-parallel group: one share)
         per_rank = math.ceil(len(idx) / world)
         mine = idx[rank * per_rank : (rank + 1) * per_rank]
         sums = torch.zeros(2, dtype=torch.float64, device=t.device)
@@ -117,7 +117,7 @@ class InLoopEval:
         return evaluate_tasks(
             model_forward(t.model, t.autocast), self.tasks, self.tokenizer,
             max_len=t.cfg.model.max_seq_len, vocab=t.cfg.model.vocab_size, device=t.device,
-            batch_tokens=t.cfg.eval.batch_tokens, rank=t.dist.rank, world=t.dist.world_size)
+            batch_tokens=t.cfg.eval.batch_tokens, rank=t.dist.dp_rank, world=t.dist.dp_size)
 
     def log_tasks(self) -> None:
         results = self.task_results()

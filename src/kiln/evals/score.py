@@ -141,8 +141,8 @@ def loglikelihoods(forward: Forward, requests: Sequence[Request], *, vocab: int,
             mine.update(zip(groups[g], lls))
         if on_batch is not None:
             on_batch(k + 1, rounds)
-    if world > 1:
-        parts: list[dict[int, tuple[float, bool]] | None] = [None] * world
+    if world > 1:  # (every process: a tensor-parallel group's ranks hold the same part)
+        parts: list[dict[int, tuple[float, bool]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         for p in parts:
             mine.update(p or {})

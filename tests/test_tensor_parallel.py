@@ -1,0 +1,127 @@
+"""Tensor parallelism on CPU: real torchrun, real gloo process groups. A tp=2 run (and FSDP x
+TP on 4 ranks) gives the losses and weights of one process; checkpoints move between tp=2 and
+fsdp=2 both ways and go on as the uninterrupted run; layouts that cannot split are refused in
+one line before any weight is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import assert_one_line_error, kiln_here
+from test_distributed import single, torchrun, write
+from test_train import losses, tiny_cfg
+
+from kiln import checkpoint as ckpt
+from kiln.config import config_from_dict
+from kiln.errors import KilnError
+from kiln.parallel import check_layout
+
+pytestmark = pytest.mark.slow
+
+OLMO2 = dict(model__qk_norm=True, model__norm_placement="reordered", model__n_kv_heads=2,
+             model__tie_embeddings=False)  # an OLMo-2 shape with grouped-query attention
+
+
+def cfg(tokens: Path, run: Path, **kw) -> dict:
+    return tiny_cfg(tokens, run, **{"trainer__max_duration": 10, "checkpoint__interval": 5,
+                                    "checkpoint__keep_last": 3, **kw})
+
+
+def final(run: Path, step: int = 10) -> dict[str, torch.Tensor]:
+    path = run / "checkpoints" / f"step{step}"
+    if ckpt.is_sharded(path):
+        return ckpt.read_sharded_full(path)["model"]
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_run(got: Path, want: Path, rel: float = 1e-5) -> None:
+    a, b = losses(got), losses(want)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), (step, a[step], b[step])
+    wa, wb = final(got), final(want)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-5), k  # (after 10 AdamW steps)
+
+
+@pytest.fixture(scope="module")
+def singles(pydoc_tokens, tmp_path_factory) -> dict[str, Path]:
+    """One-process reference runs: the default tiny model (tied head) and the OLMo-2 shape."""
+    root = tmp_path_factory.mktemp("tp")
+    out = {}
+    for name, kw in (("default", {}), ("olmo2", OLMO2)):
+        r = single(write(cfg(pydoc_tokens, root / name, **kw), root / f"{name}.yaml"))
+        assert r.returncode == 0, r.stderr
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("shape", ["default", "olmo2"])
+def test_tp2_equals_one_process(pydoc_tokens, singles, tmp_path, shape):
+    run = tmp_path / "run"
+    config = write(cfg(pydoc_tokens, run, parallel__tp=2, **(OLMO2 if shape == "olmo2"
+                                                                else {})), tmp_path / "c.yaml")
+    out = torchrun(config)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(run, singles[shape])
+
+
+def test_fsdp_by_tp_on_four_ranks_equals_one_process(pydoc_tokens, singles, tmp_path):
+    run = tmp_path / "run"
+    config = write(cfg(pydoc_tokens, run, parallel__tp=2, parallel__dp="fsdp", **OLMO2),
+                   tmp_path / "c.yaml")
+    out = torchrun(config, nproc=4, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(run, singles["olmo2"])
+    # a 2-D sharded checkpoint is read by the single-process tools
+    step = run / "checkpoints" / "step10"
+    assert kiln_here("checkpoint", "unshard", step, tmp_path / "unsharded").returncode == 0
+    r = kiln_here("generate", step, "--prompt", "The", "--max-new-tokens", "3", "--greedy")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("first, then", [
+    (["--parallel.tp=2"], ["--parallel.tp=1", "--parallel.dp=fsdp"]),
+    (["--parallel.tp=1", "--parallel.dp=fsdp"], ["--parallel.tp=2", "--parallel.dp=none"]),
+])
+def test_a_checkpoint_moves_between_tp_and_fsdp(pydoc_tokens, tmp_path, first, then):
+    ref = tmp_path / "ref"
+    out = torchrun(write(cfg(pydoc_tokens, ref, parallel__tp=2, **OLMO2), tmp_path / "r.yaml"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    config = write(cfg(pydoc_tokens, run, **OLMO2), tmp_path / "c.yaml")
+    out = torchrun(config, *first, "--trainer.hard_stop=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(run, *then)  # the run directory resumes, in the other layout
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(run, ref)
+
+
+@pytest.mark.parametrize("over, words", [
+    (dict(model__n_heads=4, model__n_kv_heads=1), "cannot split the kv heads"),
+    (dict(model__n_heads=6, model__d_model=96), "cannot split model.n_heads = 6"),
+    (dict(model__mlp_hidden_size=190), "cannot split the MLP width"),
+    (dict(parallel__dp="ddp"), "not ddp; set parallel.dp=fsdp"),
+])
+def test_a_layout_that_cannot_split_is_refused_before_any_weight(pydoc_tokens, tmp_path, over,
+                                                                 words):
+    config = write(cfg(pydoc_tokens, tmp_path / "run", parallel__tp=4, **over),
+                   tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):  # the dry run and the run (one process: refused first)
+        assert_one_line_error(kiln_here("train", config, *extra), "parallel.tp=4", words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_processes_must_split_into_dp_by_tp(pydoc_tokens, tmp_path):
+    c = config_from_dict(cfg(pydoc_tokens, tmp_path / "run", parallel__tp=2))
+    with pytest.raises(KilnError, match="does not divide the 3 processes launched"):
+        check_layout(c, 3)
+    c = config_from_dict(cfg(pydoc_tokens, tmp_path / "run", parallel__tp=2,
+                             parallel__dp="none"))
+    with pytest.raises(KilnError, match="needs exactly 2 processes, not 4"):
+        check_layout(c, 4)
+    check_layout(c, 2)  # tensor parallelism over every rank
