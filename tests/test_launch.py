@@ -275,3 +275,20 @@ def test_the_sample_in_the_scaling_guide_is_what_kiln_writes(tmp_path, monkeypat
     guide = (Path(__file__).parent.parent / "docs" / "scaling.md").read_text()
     sample = guide.split("```bash\n#!/bin/bash\n", 1)[1].split("```", 1)[0]
     assert "#!/bin/bash\n" + sample == script
+
+
+def test_the_layout_is_checked_against_the_jobs_gpus_and_passed_on(tmp_path, monkeypatch):
+    from test_cli import kiln_here
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "c.yaml")
+    base = ["launch", "slurm", "c.yaml", "--nodes=2", "--gpus-per-node=8", "--out", "job.sh"]
+    out = kiln_here(*base, "--parallel.tp=2", "--parallel.dp=fsdp")
+    assert out.returncode == 0, out.stderr
+    assert "dp 8 x tp 2" in out.stdout
+    assert "--parallel.tp=2" in (tmp_path / "job.sh").read_text()  # kiln train gets it
+    two = ["launch", "slurm", "c.yaml", "--nodes=2", "--gpus-per-node=2", "--out", "job.sh"]
+    assert_one_line_error(kiln_here(*two, "--parallel.tp=4", "--parallel.dp=none", "--force"),
+                          "parallel.tp=4 does not divide --gpus-per-node=2")
+    assert_one_line_error(kiln_here(*base, "--parallel.tp=2", "--parallel.dp=ddp", "--force"),
+                          "parallel.tp=2 combines with parallel.dp=fsdp or hsdp")

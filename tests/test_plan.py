@@ -339,3 +339,22 @@ def test_plan_says_the_mfu_a_claimed_throughput_implies_and_warns_above_plausibl
     # a plausible one: its MFU is said, without a warning
     r = kiln_here("plan", olmo_config(tmp_path), "--gpu", "h100", "--tokens-per-sec", 20000)
     assert re.search(r"MFU 0\.[0-6]\d on a h100", r.stdout) and "WARNING: 20,000" not in r.stdout
+
+
+def test_tensor_parallelism_divides_the_weights_their_state_and_the_activations():
+    raw = {"model": {"preset": "olmo-1b"}, "data": {"seq_len": 4096},
+           "trainer": {"global_batch_size": 512, "micro_batch_size": 4},
+           "parallel": {"dp": "fsdp"}}
+    cfg = config_from_dict(raw)
+    one = memory_estimate(cfg, 8, "fsdp")  # 8-way sharding
+    two = memory_estimate(cfg, 16, "fsdp", tp=2)  # 8-way sharding x tp 2 over 16 ranks
+    assert two["tp"] == 2 and two["adam"] == one["adam"] // 2
+    assert two["micro_batches_per_step"] == one["micro_batches_per_step"]  # same dp ranks
+    assert two["activations"] < 0.6 * one["activations"]
+    # a model that does not fit one small GPU at all: kiln plan names a tp that makes it fit
+    from kiln.plan import suggest_layout
+
+    seven = config_from_dict({**raw, "model": {"preset": "olmo-7b"},
+                              "trainer": {"global_batch_size": 64, "micro_batch_size": 1}})
+    line = suggest_layout(seven, 8, "a10g", 24e9)
+    assert line.startswith("layout:") and "--parallel.tp=" in line, line

@@ -296,14 +296,24 @@ def run_launch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.submit and sbatch is None:
         raise KilnError("sbatch was not found on PATH; run this on a Slurm login node, or drop "
                         "--submit and copy the script there")
+    from kiln.config import load_run_config
+    from kiln.parallel import check_layout
+
+    cfg = load_run_config(args.config, overrides)  # the layout, checked against the job's GPUs
+    check_layout(cfg, args.nodes * args.gpus_per_node)
+    tp = cfg.parallel.tp
+    if args.gpus_per_node % tp:
+        raise KilnError(f"parallel.tp={tp} does not divide --gpus-per-node={args.gpus_per_node}: "
+                        "a tensor-parallel group stays within a node (its collectives run every "
+                        "layer); choose a tp that divides the GPUs of one node")
+    layout = (f"dp {args.nodes * args.gpus_per_node // tp} x tp {tp}" if tp > 1
+              else f"dp {args.nodes * args.gpus_per_node}")
     script = slurm_script(
         args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, overrides=overrides,
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account,
         port=args.port, python=args.python, extra_sbatch=args.sbatch,
         cpus_per_task=args.cpus_per_task)
-    from kiln.config import load_run_config
-
-    run_dir = Path(load_run_config(args.config, overrides).trainer.run_dir)
+    run_dir = Path(cfg.trainer.run_dir)
     note = _torchrun_note()
     if note:
         print(f"kiln: note: {note}", file=sys.stderr)
@@ -317,7 +327,7 @@ def run_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         if out is None:
             sys.stdout.write(script)
         else:
-            print(f"wrote {out} ({args.nodes} x {args.gpus_per_node} GPUs, log "
+            print(f"wrote {out} ({args.nodes} x {args.gpus_per_node} GPUs, {layout}, log "
                   f"{run_dir}/slurm-JOBID.out); submit it with: sbatch {shlex.quote(str(out))}")
         return 0
 

@@ -150,7 +150,8 @@ def selective_bytes_per_token(m, precision: str) -> int:
 
 def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
                     device: str | None = None, micro_batch_size: int | None = None,
-                    activation_checkpointing: str | None = None) -> dict:
+                    activation_checkpointing: str | None = None, tp: int | None = None
+                    ) -> dict:
     """Bytes one rank holds at the peak of a training step, by part.
 
     Returns a dict of ints ``params, grads, adam, activations, loss, overhead, total`` (the
@@ -224,17 +225,21 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     precision = _compute_precision(cfg, device)
     bf16 = precision == "bf16"
     s = 2 if bf16 else 4
+    tp = tp or pc.tp  # tensor parallelism: weights, their state and the work split tp ways
+    dp_world = max(world_size // tp, 1)  # the ranks the batch is split over
     dp = dp or pc.dp
     if dp == "auto":
-        dp = "ddp" if world_size > 1 else "none"
-    shards = {"fsdp": world_size, "hsdp": pc.shard_size or min(world_size, 8)}.get(dp, 1)
+        dp = ("fsdp" if dp_world > 1 else "none") if tp > 1 else (
+            "ddp" if world_size > 1 else "none")
+    shards = {"fsdp": dp_world, "hsdp": pc.shard_size or min(dp_world, 8)}.get(dp, 1) * tp
     ac = activation_checkpointing or pc.activation_checkpointing
     micro = micro_batch_size or t.micro_batch_size
-    per_rank = max(t.global_batch_size // max(world_size, 1), 1)
+    per_rank = max(t.global_batch_size // dp_world, 1)
     n_micro = -(-per_rank // micro)
     T = cfg.data.seq_len
     N = micro * T
     d, L, V = m.d_model, m.n_layers, m.padded_vocab_size
+    V_full, V = V, V // tp  # the head's share of the vocabulary (the loss works on shards)
     P = m.num_params()
     final_norm = {"rmsnorm": d, "layernorm": 2 * d}.get(m.norm, 0)
     block_p = (m.num_params(False) - final_norm) // L
@@ -245,15 +250,15 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
 
     params = 4 * P // shards
     if sharded:
-        params += pb * (emb_p + 2 * block_p)
+        params += pb * (emb_p + 2 * block_p) // tp
     grads = 4 * P // shards
     buckets = 4 * P if dp == "ddp" else 0
     if sharded:
-        grads += 4 * block_p
+        grads += 4 * block_p // tp
     adam = 8 * P // shards
 
-    weight_copies = 2 * block_p if bf16 and pb == 4 else 0
-    block = N * layer_bytes_per_token(m, precision) + weight_copies
+    weight_copies = 2 * block_p // tp if bf16 and pb == 4 else 0
+    block = N * layer_bytes_per_token(m, precision) // tp + weight_copies
     inputs = 4 * N * d
     if ac == "selective":  # every block keeps more than its input: its matmuls' outputs
         inputs = N * selective_bytes_per_token(m, precision)
@@ -294,11 +299,12 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     grads += buckets
     overhead = CPU_IMPORT_BYTES + CPU_FIRST_USE_BYTES if device == "cpu" else CUDA_OVERHEAD_BYTES
     total = params + grads + adam + acts + loss + overhead
-    eval_peak = params + adam + overhead + N * V * (s + 8 + (4 if bf16 else 0))
+    eval_peak = params + adam + overhead + N * V_full * (s + 8 + (4 if bf16 else 0))
     return {"params": params, "grads": grads, "adam": adam, "activations": acts, "loss": loss,
             "overhead": overhead, "total": total, "eval": eval_peak, "device": device,
             "precision": precision, "dp": dp, "shards": shards, "micro_batch_size": micro,
-            "micro_batches_per_step": n_micro, "activation_checkpointing": ac, "notes": notes}
+            "micro_batches_per_step": n_micro, "activation_checkpointing": ac, "tp": tp,
+            "notes": notes}
 
 
 def fmt_bytes(n: float) -> str:
@@ -320,7 +326,7 @@ def gpu_spec(name: str, precision: str = "bf16") -> tuple[float, float]:
 
 def largest_micro_batch(cfg: Config, gpu_memory_bytes: float, world_size: int = 1,
                         dp: str | None = None, activation_checkpointing: str | None = None,
-                        limit: int = 4096) -> int:
+                        limit: int = 4096, tp: int | None = None) -> int:
     """The largest micro-batch (instances per forward/backward on one rank, up to `limit`)
     whose :func:`memory_estimate` on CUDA fits in `gpu_memory_bytes`; 0 when not even one
     instance fits. Every size is tried (the peak is not monotonic where the micro-batch
@@ -328,7 +334,7 @@ def largest_micro_batch(cfg: Config, gpu_memory_bytes: float, world_size: int = 
     best = 0
     for micro in range(1, limit + 1):
         est = memory_estimate(cfg, world_size, dp, device="cuda", micro_batch_size=micro,
-                              activation_checkpointing=activation_checkpointing)
+                              activation_checkpointing=activation_checkpointing, tp=tp)
         if est["total"] <= gpu_memory_bytes:
             best = micro
         elif est["activations"] + est["loss"] > gpu_memory_bytes:
@@ -544,6 +550,25 @@ def time_lines(cfg: Config, run_tokens: int, gpus: int, gpu: str, precision: str
     return out, warnings
 
 
+def suggest_layout(cfg: Config, world: int, gpu: str, gpu_mem: float) -> str:
+    """When not one instance fits a rank: the smallest tensor-parallel degree (within a node
+    of 8, splitting the model) with which one does, with full activation checkpointing and
+    FSDP, as OLMo-core advises (FSDP first, then TP when one instance does not fit)."""
+    m = cfg.model
+    for tp in (2, 4, 8):
+        if world % tp or any(n % tp for n in (m.n_heads, m.kv_heads, m.hidden_size,
+                                               m.padded_vocab_size)):
+            continue
+        fits = largest_micro_batch(cfg, gpu_mem, world, "fsdp" if world > tp else "none",
+                                   "full", tp=tp)
+        if fits:
+            return (f"layout: not one instance fits a {gpu} this way; with --parallel.tp={tp} "
+                    f"(dp {world // tp} x tp {tp}), FSDP and full activation checkpointing up to "
+                    f"{fits} do")
+    return (f"layout: not one instance fits a {gpu}, even with tensor parallelism up to 8 on "
+            f"{world} GPUs; use more GPUs, a shorter data.seq_len or a smaller model")
+
+
 def memory_lines(cfg: Config, world: int, gpu: str, device: str) -> tuple[list[str], list[str]]:
     """kiln plan's memory table: the config's setting and the alternatives (activation
     checkpointing on/off; with several ranks the other data-parallel mode), the largest
@@ -561,8 +586,9 @@ def memory_lines(cfg: Config, world: int, gpu: str, device: str) -> tuple[list[s
             for _, d_, a_ in columns]
     micro, T = base["micro_batch_size"], cfg.data.seq_len
     width = max(len(c[0]) + 2 for c in columns)
+    layout = f", tp {base['tp']}" if base["tp"] > 1 else ""
     out = ["", f"# memory per rank ({device}, {base['precision']}, {world} "
-           f"rank{'s' * (world > 1)}, micro-batch {micro} x {T} tokens, "
+           f"rank{'s' * (world > 1)}{layout}, micro-batch {micro} x {T} tokens, "
            f"{base['micro_batches_per_step']} per step)",
            f"{'':<14}" + "".join(f"{c[0]:>{width}}" for c in columns)]
     for key, label in (("params", "params"), ("grads", "grads"), ("adam", "Adam"),
@@ -576,6 +602,8 @@ def memory_lines(cfg: Config, world: int, gpu: str, device: str) -> tuple[list[s
                                                   for f in fits)
                    + f"   (the largest micro-batch that fits one {gpu}, "
                    f"{gpu_mem / 1e9:.0f} GB)")
+        if not any(fits):
+            out.append(suggest_layout(cfg, world, gpu, gpu_mem))
     out += [f"note: {note}" for note in base["notes"]]
     if device == "cpu":
         out.append("note: on CPU, glibc's malloc keeps freed blocks under 32 MiB for reuse: "
