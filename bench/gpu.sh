@@ -11,6 +11,11 @@
 #   peers          bench/peers.py --device cuda --bf16 --shape gpu (kiln vs bare vs HF)
 #   loss           fused vs plain lm_head + cross entropy on CUDA (kiln.losses), and
 #                  bench/fused_loss.py (CPU) for reference
+#   float8         olmo-1b in bf16 and with parallel.float8 (torchao), one process each: the
+#                  tokens/s ratio (float8-1b, bf16 from olmo1b-single's settings)
+#   tp             llama-150m and olmo-1b with parallel.tp over every visible GPU (one rank
+#                  per GPU: NCCL puts no two ranks on one GPU), tp-small and tp-1b; skipped
+#                  with a note on a machine with one GPU
 #   all            everything above, in that order (over 10 minutes: on a GPU lease that allows
 #                  10 minutes per command, run the parts one command each)
 #
@@ -51,7 +56,7 @@ LOSS_ARGS=${LOSS_ARGS:---tokens 32768 --d 2048 --vocab 50304 --steps 5}
 set -uo pipefail
 OUT=${1:-./gpu-bench-out}
 PART=${2:-all}
-PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss all"
+PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss float8 tp all"
 if [[ " $PARTS " != *" $PART "* ]]; then
     echo "unknown part '$PART'; choose one of: $PARTS" >&2
     exit 2
@@ -257,6 +262,9 @@ EOF
     if [ "$mode" = fsdp ]; then
         launch=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1)
         dp=(--parallel.dp=fsdp)
+    elif [ "$mode" = tp ]; then
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$GPUS")
+        dp=(--parallel.tp="$GPUS" --parallel.dp=none)
     fi
     note "$name: ${launch[*]} kiln_run.py (= kiln train) $cfg ${dp[*]} $extra (micro $micro, AC $ac)"
     # shellcheck disable=SC2086  # $extra: several overrides
@@ -276,6 +284,31 @@ part_small_single() {
     kiln_bench small-single single llama-150m "$MICRO_SMALL" "$AC_SMALL" "$EXTRA_SMALL"
 }
 part_small_fsdp() { kiln_bench small-fsdp fsdp llama-150m "$MICRO_SMALL" "$AC_SMALL" "$EXTRA_SMALL"; }
+
+part_float8() {
+    kiln_bench bf16-1b single olmo-1b "$MICRO_1B" "$AC_1B" "$EXTRA_1B"
+    kiln_bench float8-1b single olmo-1b "$MICRO_1B" "$AC_1B" "--parallel.float8=true $EXTRA_1B"
+    "$PYTHON" - "$OUT/bf16-1b.json" "$OUT/float8-1b.json" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+try:
+    a, b = (json.load(open(f)) for f in sys.argv[1:3])
+    ratio = b['tokens_per_sec_per_gpu'] / a['tokens_per_sec_per_gpu']
+    print(f"float8 / bf16 tokens/s: {ratio:.3f}")
+except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
+    print(f"float8 / bf16 tokens/s: not measured ({e})")
+PY
+}
+
+part_tp() {
+    GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then GPUS=2; fi  # (gloo ranks on the CPU)
+    if [ "$GPUS" -lt 2 ]; then
+        note "tp: skipped: $GPUS GPU visible, and NCCL runs one rank per GPU"
+        return
+    fi
+    kiln_bench tp-small tp llama-150m "$MICRO_SMALL" "$AC_SMALL" "$EXTRA_SMALL"
+    kiln_bench tp-1b tp olmo-1b "$MICRO_1B" "$AC_1B" "$EXTRA_1B"
+}
 
 part_peers() {
     local log="$OUT/logs/peers.log" bf16=(--bf16)
@@ -315,7 +348,8 @@ part_small() { part_small_single; part_small_fsdp; }
 run_part() { PART_START=$SECONDS; "part_${1//-/_}"; }  # each part has its own PART_BUDGET
 
 case "$PART" in
-    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss) run_part "$PART" ;;
+    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss|float8|tp)
+        run_part "$PART" ;;
     all) for p in olmo1b small peers loss; do run_part "$p"; done ;;
 esac
 note "done (part $PART): results in $OUT/summary.txt"

@@ -432,6 +432,12 @@ class ParallelConfig:
     its recompute."""
     ac_every: Annotated[int, AtLeast(1, 2**16)] = 2
     """every_n: checkpoint every n-th block."""
+    float8: bool = False
+    """Float8 training (torchao, `pip install -e '.[float8]'`): every linear layer of the
+    blocks computes its matmuls in float8 with dynamic per-tensor scaling (the output head
+    stays in bf16), and with FSDP its weights are all-gathered in float8. Needs a GPU with
+    float8 matmuls (compute capability 8.9+: H100, H200, B200, L40S); on CPU torchao emulates
+    it (for testing the plumbing, not for speed)."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each transformer block. auto: on CUDA; off on CPU, where compiling
     takes longer than it saves in short runs (see docs/benchmarks.md)."""

@@ -7,6 +7,7 @@ device) and returns the module to train; the model code never knows it is distri
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -319,11 +320,60 @@ def apply_tp(model: nn.Module, mesh) -> None:
     model.tp_mesh = mesh
 
 
+def check_float8(cfg: Config, device: torch.device) -> None:
+    """Refuse, in one line, float8 training where it cannot run: without torchao, with tensor
+    parallelism, on a GPU without float8 matmuls."""
+    if not cfg.parallel.float8:
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise KilnError("parallel.float8 needs torchao: pip install -e '.[float8]' (or "
+                        "--parallel.float8=false)")
+    if cfg.parallel.tp > 1:
+        raise KilnError("parallel.float8 with parallel.tp > 1 is not built yet; use one of them")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise KilnError(f"parallel.float8 needs a GPU with float8 matmuls (compute capability "
+                        f"8.9+: H100, H200, B200, L40S); {name} has none: "
+                        "--parallel.float8=false")
+
+
+def apply_float8(model: nn.Module, device: torch.device, fsdp: bool) -> None:
+    """torchao's float8 training on the blocks' linear layers: dynamic per-tensor scales,
+    float8 all-gather of the weights under FSDP2; the output head (and any layer whose sizes
+    are not multiples of 16, which float8 matmuls need) stays as it is. Emulated on CPU."""
+    import logging
+
+    # quiet while importing: its optional CUDA kernels fail to load on a CPU machine, and it
+    # registers types torch's pytree warns about
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    emulate = device.type != "cuda"
+    config = Float8LinearConfig(emulate=emulate,
+                                enable_fsdp_float8_all_gather=fsdp and not emulate)
+
+    def wanted(module: nn.Module, fqn: str) -> bool:
+        return (fqn.startswith("blocks.") and module.in_features % 16 == 0
+                and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=config, module_filter_fn=wanted)
+
+
 def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.device,
                 precision: str) -> tuple[nn.Module, str]:
-    """Apply TP, AC, compile and data parallelism. Returns (module to train, dp mode used)."""
+    """Apply float8, TP, AC, compile and data parallelism. Returns (module to train, dp mode
+    used)."""
     pcfg = cfg.parallel
     dp = resolve_dp(pcfg, info)
+    if pcfg.float8:
+        check_float8(cfg, device)
+        apply_float8(model, device, dp in ("fsdp", "hsdp"))
     mesh = build_mesh(dp, pcfg, info, device) if dp in ("fsdp", "hsdp") or info.tp > 1 else None
     if info.tp > 1:
         apply_tp(model, mesh["tp"])
