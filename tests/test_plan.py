@@ -358,3 +358,15 @@ def test_tensor_parallelism_divides_the_weights_their_state_and_the_activations(
                               "trainer": {"global_batch_size": 64, "micro_batch_size": 1}})
     line = suggest_layout(seven, 8, "a10g", 24e9)
     assert line.startswith("layout:") and "--parallel.tp=" in line, line
+
+
+def test_context_parallelism_divides_the_activations_per_rank():
+    raw = {"model": {"preset": "olmo-1b", "max_seq_len": 32768},
+           "data": {"seq_len": 32768},
+           "trainer": {"global_batch_size": 64, "micro_batch_size": 1},
+           "parallel": {"dp": "fsdp", "activation_checkpointing": "full"}}
+    one = memory_estimate(config_from_dict(raw), 8)
+    four = memory_estimate(config_from_dict({**raw, "parallel": {**raw["parallel"], "cp": 4}}),
+                           32)
+    assert four["activations"] < 0.3 * one["activations"]
+    assert four["micro_batches_per_step"] == one["micro_batches_per_step"]  # 8 dp ranks each

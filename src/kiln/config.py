@@ -432,6 +432,13 @@ class ParallelConfig:
     its recompute."""
     ac_every: Annotated[int, AtLeast(1, 2**16)] = 2
     """every_n: checkpoint every n-th block."""
+    cp: Annotated[int, AtLeast(1, 2**16)] = 1
+    """Context parallelism: each window's tokens split over this many ranks (two chunks
+    each, one early and one late, so causal attention costs every rank the same); attention
+    gathers every rank's keys and values. For long sequences whose activations do not fit one
+    GPU. The world is dp x cp x tp ranks; data parallelism with it is fsdp or hsdp, which
+    averages the gradients over the cp ranks too. data.seq_len must split into 2 x cp
+    chunks."""
     float8: bool = False
     """Float8 training (torchao, `pip install -e '.[float8]'`): every linear layer of the
     blocks computes its matmuls in float8 with dynamic per-tensor scaling (the output head

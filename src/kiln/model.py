@@ -29,7 +29,8 @@ must be given ``to_empty(device=...)`` and then ``init_weights()``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,63 @@ def document_mask(doc_ids: Tensor) -> Tensor:
     return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and_(causal)[:, None]
 
 
+@dataclass
+class ContextShard:
+    """This rank's part of every training window under context parallelism (parallel.cp = N):
+    the window's T tokens are cut into 2N chunks and rank r takes chunks r and 2N-1-r, one
+    early and one late, so that causal attention costs every rank the same.
+
+    ``index`` [T / N]: the window positions of this rank's tokens; ``keys`` [T]: the window
+    positions of the keys and values gathered from the group, in the order the gather puts
+    them (rank 0's tokens, rank 1's, ...)."""
+
+    group: Any
+    index: Tensor
+    keys: Tensor
+
+    @classmethod
+    def of(cls, group, rank: int, size: int, seq_len: int, device) -> ContextShard:
+        chunk = seq_len // (2 * size)
+
+        def mine(r: int) -> Tensor:
+            return torch.cat([torch.arange(r * chunk, (r + 1) * chunk),
+                              torch.arange((2 * size - 1 - r) * chunk, (2 * size - r) * chunk)])
+
+        keys = torch.cat([mine(r) for r in range(size)])
+        return cls(group, mine(rank).to(device), keys.to(device))
+
+    def mask(self, doc_ids: Tensor | None) -> Tensor:
+        """[B | 1, 1, T_local, T] bool: causal at window positions (and, given the full
+        window's doc_ids [B, T], within each document)."""
+        allowed = self.keys[None, :] <= self.index[:, None]
+        if doc_ids is None:
+            return allowed[None, None]
+        same = doc_ids[:, self.index][:, :, None] == doc_ids[:, self.keys][:, None, :]
+        return (same & allowed)[:, None]
+
+
+class _GatherTokens(torch.autograd.Function):
+    """[B, H, T_local, hd] -> [B, H, T, hd]: every rank's tokens of a context-parallel group,
+    in rank order; the backward sums the gradients over the group and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.size(2)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[:, :, ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
 def _local(x: Tensor) -> Tensor:
     """This rank's part of a DTensor (tensor parallelism); a plain tensor as it is."""
     return x.to_local() if hasattr(x, "to_local") else x
@@ -165,11 +223,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
-                doc_mask: Tensor | None = None) -> Tensor:
+                doc_mask: Tensor | None = None, cp_group=None) -> Tensor:
         """kv: this layer's (k, v) cache buffers [B, kv_heads, max_len, hd]; the new keys and
         values are written at positions [start, start + T) and attention sees [0, start + T).
         doc_mask: [B, 1, T, T] bool from :func:`document_mask` (no cache), replacing the plain
-        causal mask."""
+        causal mask. cp_group (context parallelism): the queries are this rank's tokens, the
+        keys and values are gathered from every rank of the group, and doc_mask is the
+        [B | 1, 1, T_local, T] mask at the tokens' window positions (:class:`ContextShard`)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:  # (under tensor parallelism: over every rank's heads)
@@ -178,6 +238,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cp_group is not None:  # every rank's keys and values (rotated at their positions)
+            k, v = _GatherTokens.apply(k, cp_group), _GatherTokens.apply(v, cp_group)
 
         mask, causal = None, True
         if doc_mask is not None:
@@ -230,11 +292,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
-                doc_mask: Tensor | None = None) -> Tensor:
+                doc_mask: Tensor | None = None, cp_group=None) -> Tensor:
         if self.reordered:  # OLMo-2: norm the sublayer's output before adding it
-            h = x + self.attn_norm(self.attn(x, cos, sin, kv, start, doc_mask))
+            h = x + self.attn_norm(self.attn(x, cos, sin, kv, start, doc_mask, cp_group))
             return h + self.mlp_norm(self.mlp(h))
-        h = x + self.attn(self.attn_norm(x), cos, sin, kv, start, doc_mask)
+        h = x + self.attn(self.attn_norm(x), cos, sin, kv, start, doc_mask, cp_group)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -278,6 +340,7 @@ class Transformer(nn.Module):
         # are not turned into uninitialised memory by to_empty(); rebuilt lazily in _rope().
         self._rope_cache: tuple[Tensor, Tensor] | None = None
         self.tp_mesh = None  # set by kiln.parallel.apply_tp: the head works on vocab shards
+        self.cp_mesh = None  # set by kiln.parallel.parallelize: context parallelism
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -325,7 +388,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *,
                 targets: Tensor | None = None, z_loss: float = 0.0, per_token: bool = False,
                 doc_ids: Tensor | None = None, positions: Tensor | None = None,
-                logits_at: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                logits_at: Tensor | None = None, cp: ContextShard | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, padded_vocab_size]. With a cache, the tokens sit at
         positions cache.length ..; their keys/values are appended and cache.length advances.
 
@@ -342,7 +406,11 @@ class Transformer(nn.Module):
 
         ``logits_at`` [K] (indices into the B*T flattened positions) returns only those
         positions' logits [K, padded_vocab_size]: evaluation scores a few continuation tokens
-        per sequence and skips the output layer everywhere else."""
+        per sequence and skips the output layer everywhere else.
+
+        ``cp`` (context parallelism, training): ``tokens``, ``targets`` and ``positions`` are
+        this rank's tokens of each window (:class:`ContextShard`), ``doc_ids`` the whole
+        window's; attention sees the whole window."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -353,20 +421,26 @@ class Transformer(nn.Module):
                 raise KilnError("doc_ids / positions are for training windows; generation with "
                                 "a KV cache runs unmasked: pass neither with a cache")
             cache.check(B, start + T)
-        for name, t in (("doc_ids", doc_ids), ("positions", positions)):
+        for name, t in (("doc_ids", doc_ids if cp is None else None), ("positions", positions)):
             if t is not None and t.shape != tokens.shape:
                 raise KilnError(f"{name} has shape {list(t.shape)}, tokens {list(tokens.shape)}; "
                                 "they must match")
-        cos, sin = self._rope(start + T, tokens.device)
+        if cp is not None and positions is None:
+            positions = cp.index.expand(B, T)  # the tokens' places in the window
+        cos, sin = self._rope(start + max(T, self.cfg.max_seq_len if cp else 0), tokens.device)
         if positions is None:
             cos, sin = cos[start:start + T], sin[start:start + T]
         else:  # gather each token's row of the tables: [B, T, hd] -> [B, 1, T, hd] (all heads)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        doc_mask = document_mask(doc_ids) if doc_ids is not None else None
+        if cp is not None:
+            doc_mask = cp.mask(doc_ids)
+        else:
+            doc_mask = document_mask(doc_ids) if doc_ids is not None else None
+        group = cp.group if cp is not None else None
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache.layer(i) if cache is not None else None, start,
-                      doc_mask)
+                      doc_mask, group)
         if cache is not None:
             cache.length = start + T
         x = self.final_norm(x)

@@ -29,6 +29,8 @@ class DistInfo:
     local_world_size: int = 1
     tp: int = 1
     """Ranks per tensor-parallel group: consecutive ranks, which see the same batch."""
+    cp: int = 1
+    """Ranks per context-parallel group (each takes its part of the same windows)."""
 
     @property
     def is_main(self) -> bool:
@@ -41,11 +43,15 @@ class DistInfo:
     @property
     def dp_size(self) -> int:
         """Data-parallel ranks: how many ways each global batch is split."""
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.cp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.cp)
+
+    @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
 
 
 def dist_info_from_env() -> DistInfo:
@@ -60,7 +66,18 @@ def check_layout(cfg: Config, world_size: int | None) -> None:
     """Refuse, in one line and before any weight is built, a layout that cannot split the
     model or (given `world_size`, the processes launched) the ranks."""
     pc, m = cfg.parallel, cfg.model
-    tp = pc.tp
+    tp, cp = pc.tp, pc.cp
+    if cp > 1:
+        if cfg.data.seq_len % (2 * cp):
+            raise KilnError(f"parallel.cp={cp} splits each window into {2 * cp} chunks, and "
+                            f"data.seq_len={cfg.data.seq_len} is not a multiple of {2 * cp}; "
+                            "choose a seq_len that is")
+        if pc.dp in ("ddp", "none"):
+            raise KilnError(f"parallel.cp={cp} averages the gradients over its ranks with FSDP: "
+                            f"set parallel.dp=fsdp or hsdp (not {pc.dp})")
+        if world_size is not None and world_size % (cp * tp):
+            raise KilnError(f"parallel.cp={cp} x parallel.tp={tp} does not divide the "
+                            f"{world_size} processes launched; launch dp x cp x tp ranks")
     if tp == 1:
         return
     for what, n in (("model.n_heads", m.n_heads), ("the kv heads (model.n_kv_heads)",
@@ -83,7 +100,7 @@ def check_layout(cfg: Config, world_size: int | None) -> None:
 def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on CPU)."""
     info = dist_info_from_env()
-    info.tp = cfg.parallel.tp
+    info.tp, info.cp = cfg.parallel.tp, cfg.parallel.cp
     check_layout(cfg, info.world_size)
     if not info.enabled:
         return info
@@ -130,6 +147,8 @@ def parse_device(text: str | None, flag: str = "--device") -> torch.device:
 
 def resolve_dp(pcfg: ParallelConfig, info: DistInfo) -> str:
     if pcfg.dp == "auto":
+        if info.cp > 1:
+            return "fsdp"
         if info.tp > 1:
             return "fsdp" if info.dp_size > 1 else "none"
         return "ddp" if info.enabled else "none"
@@ -137,8 +156,8 @@ def resolve_dp(pcfg: ParallelConfig, info: DistInfo) -> str:
 
 
 def build_mesh(dp: str, pcfg: ParallelConfig, info: DistInfo, device: torch.device):
-    """The device mesh: data-parallel dimensions ("replicate", "shard": hsdp; "shard": fsdp)
-    then "tp" (innermost: a tensor-parallel group is consecutive ranks)."""
+    """The device mesh: data-parallel dimensions ("replicate", "shard": hsdp; "shard": fsdp),
+    then "cp", then "tp" (innermost: a tensor-parallel group is consecutive ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     dims: list[tuple[str, int]] = []
@@ -150,6 +169,8 @@ def build_mesh(dp: str, pcfg: ParallelConfig, info: DistInfo, device: torch.devi
         dims = [("replicate", info.dp_size // shard), ("shard", shard)]
     elif dp == "fsdp":
         dims = [("shard", info.dp_size)]
+    if info.cp > 1:
+        dims.append(("cp", info.cp))
     if info.tp > 1:
         dims.append(("tp", info.tp))
     return init_device_mesh(device.type, tuple(n for _, n in dims),
@@ -291,7 +312,7 @@ def apply_tp(model: nn.Module, mesh) -> None:
     # KV cache, start, document mask) as they are
     gathered = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                     use_local_output=False)
-    rest = (None,) * 5
+    rest = (None,) * 6
     gathered_attn = dict(input_layouts=(Shard(1), *rest),
                          desired_input_layouts=(Replicate(), *rest), use_local_output=False)
     for block in model.blocks:
@@ -377,11 +398,15 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.dev
     mesh = build_mesh(dp, pcfg, info, device) if dp in ("fsdp", "hsdp") or info.tp > 1 else None
     if info.tp > 1:
         apply_tp(model, mesh["tp"])
+    if info.cp > 1:
+        model.cp_mesh = mesh["cp"]
     apply_activation_checkpointing(model, pcfg)
     if wants_compile(pcfg, device):
         apply_compile(model)
     if dp in ("fsdp", "hsdp"):
-        dp_mesh = mesh["shard"] if dp == "fsdp" else mesh["replicate", "shard"]
+        # the gradients are averaged over the context-parallel ranks too: they shard with dp
+        shard = mesh["shard", "cp"]._flatten("shard_cp") if info.cp > 1 else mesh["shard"]
+        dp_mesh = shard if dp == "fsdp" else mesh["replicate", shard.mesh_dim_names[0]]
         bf16 = precision == "bf16" and pcfg.param_dtype != "fp32"
         apply_fsdp(model, dp_mesh, torch.bfloat16 if bf16 else None, torch.float32)
         return model, dp

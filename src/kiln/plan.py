@@ -226,18 +226,20 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     bf16 = precision == "bf16"
     s = 2 if bf16 else 4
     tp = tp or pc.tp  # tensor parallelism: weights, their state and the work split tp ways
-    dp_world = max(world_size // tp, 1)  # the ranks the batch is split over
+    cp = pc.cp  # context parallelism: each window's tokens split cp ways
+    dp_world = max(world_size // (tp * cp), 1)  # the ranks the batch is split over
     dp = dp or pc.dp
     if dp == "auto":
-        dp = ("fsdp" if dp_world > 1 else "none") if tp > 1 else (
+        dp = "fsdp" if cp > 1 else ("fsdp" if dp_world > 1 else "none") if tp > 1 else (
             "ddp" if world_size > 1 else "none")
-    shards = {"fsdp": dp_world, "hsdp": pc.shard_size or min(dp_world, 8)}.get(dp, 1) * tp
+    shards = {"fsdp": dp_world * cp, "hsdp": pc.shard_size or min(dp_world * cp, 8)
+              }.get(dp, 1) * tp
     ac = activation_checkpointing or pc.activation_checkpointing
     micro = micro_batch_size or t.micro_batch_size
     per_rank = max(t.global_batch_size // dp_world, 1)
     n_micro = -(-per_rank // micro)
     T = cfg.data.seq_len
-    N = micro * T
+    N = micro * T // cp  # this rank's tokens
     d, L, V = m.d_model, m.n_layers, m.padded_vocab_size
     V_full, V = V, V // tp  # the head's share of the vocabulary (the loss works on shards)
     P = m.num_params()

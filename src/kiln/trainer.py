@@ -40,7 +40,13 @@ from kiln.evals.in_loop import InLoopEval
 from kiln.files import write_atomic
 from kiln.housekeeping import GarbageCollector, Profiler
 from kiln.meter import Meter
-from kiln.model import Transformer, document_ids, document_positions, flops_per_token
+from kiln.model import (
+    ContextShard,
+    Transformer,
+    document_ids,
+    document_positions,
+    flops_per_token,
+)
 from kiln.optim import apply_hyperparameters, build_optimizer
 from kiln.parallel import (
     CompileWatch,
@@ -134,6 +140,10 @@ class Trainer:
             model.init_weights()
             self.model, _ = parallelize(model, cfg, self.dist, self.device, self.precision)
         self.module: Transformer = unwrap(self.model)
+        # context parallelism: this rank's tokens of every window
+        self.context = (ContextShard.of(self.module.cp_mesh.get_group(), self.dist.cp_rank,
+                                        self.dist.cp, cfg.data.seq_len, self.device)
+                        if self.dist.cp > 1 else None)
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.schedule: LRSchedule = self.plan.schedule
         self.step = self.plan.step
@@ -268,8 +278,15 @@ class Trainer:
         """(loss to backpropagate, cross entropy for logging, and with `per_window` each
         window's cross entropy) of one micro-batch of windows."""
         inputs, targets = mb[:, :-1], mb[:, 1:]
+        seq = targets.size(-1)
         z_loss = self.cfg.optim.z_loss
         docs = self.document_kwargs(inputs)  # {} unless data.document_mask
+        if self.context is not None:  # this rank's tokens; attention sees the whole window
+            cp = self.context
+            inputs, targets = inputs[:, cp.index], targets[:, cp.index]
+            if "positions" in docs:
+                docs["positions"] = docs["positions"][:, cp.index]
+            docs["cp"] = cp
         if self.cfg.trainer.fused_loss:  # inside forward: DDP / FSDP hooks see the head
             with self.autocast:
                 loss, ce, *tok = self.model(inputs, targets=targets, z_loss=z_loss,
@@ -286,7 +303,6 @@ class Trainer:
                 z = torch.logsumexp(logits, dim=-1)
                 loss = ce + z_loss * (z * z).mean()
         if self.cfg.optim.loss_norm == "window":  # sum over predictions / window tokens
-            seq = targets.size(-1)
             loss = loss * (seq / (seq + 1))
         return loss, ce, (tok[0].view(mb.size(0), -1).mean(1) if tok else None)
 
