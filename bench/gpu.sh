@@ -16,6 +16,8 @@
 #   tp             llama-150m and olmo-1b with parallel.tp over every visible GPU (one rank
 #                  per GPU: NCCL puts no two ranks on one GPU), tp-small and tp-1b; skipped
 #                  with a note on a machine with one GPU
+#   cp             llama-150m with parallel.cp over every visible GPU at CP_SEQ tokens per
+#                  window (cp-small); skipped with a note on a machine with one GPU
 #   all            everything above, in that order (over 10 minutes: on a GPU lease that allows
 #                  10 minutes per command, run the parts one command each)
 #
@@ -38,6 +40,7 @@ SKIP_STEPS=${SKIP_STEPS:-10}      # steps left out of the steady-state numbers (
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}   # seconds before one run is stopped ...
 PART_BUDGET=${PART_BUDGET:-540}   # ... or before the part's runs together pass this many
 PEERS_ARGS=${PEERS_ARGS:---reps 3 --steps 20 --warmup 5 --warm-cache}
+CP_SEQ=${CP_SEQ:-32768}           # tokens per window for the cp part
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
 EXTRA_1B=${EXTRA_1B:-}            # more kiln overrides for the olmo-1b runs
@@ -45,7 +48,7 @@ EXTRA_SMALL=${EXTRA_SMALL:-}      # ... and the llama-150m runs
 # GPU_BENCH_TINY=1: a CPU smoke test of this script (tiny shapes, a few steps, no GPU needed)
 if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then
     DEVICE=cpu STEPS=6 SEQ=64 GLOBAL_BATCH=4 MICRO_1B=2 MICRO_SMALL=4 LOG_INTERVAL=2
-    SKIP_STEPS=2 COMPILE=${COMPILE_TINY:-false} PRECISION=fp32
+    SKIP_STEPS=2 COMPILE=${COMPILE_TINY:-false} PRECISION=fp32 CP_SEQ=64
     TINY_MODEL="--model.d_model=64 --model.n_layers=2 --model.n_heads=2 --model.mlp_hidden_size=128"
     EXTRA_1B="$TINY_MODEL $EXTRA_1B" EXTRA_SMALL="$TINY_MODEL $EXTRA_SMALL"
     PEERS_ARGS="--reps 1 --steps 1 --warmup 1 --batch 2 --seq 32 --variants kiln,bare-eager,hf"
@@ -56,7 +59,7 @@ LOSS_ARGS=${LOSS_ARGS:---tokens 32768 --d 2048 --vocab 50304 --steps 5}
 set -uo pipefail
 OUT=${1:-./gpu-bench-out}
 PART=${2:-all}
-PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss float8 tp all"
+PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss float8 tp cp all"
 if [[ " $PARTS " != *" $PART "* ]]; then
     echo "unknown part '$PART'; choose one of: $PARTS" >&2
     exit 2
@@ -265,6 +268,9 @@ EOF
     elif [ "$mode" = tp ]; then
         launch=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$GPUS")
         dp=(--parallel.tp="$GPUS" --parallel.dp=none)
+    elif [ "$mode" = cp ]; then
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$GPUS")
+        dp=(--parallel.cp="$GPUS" --parallel.dp=fsdp)
     fi
     note "$name: ${launch[*]} kiln_run.py (= kiln train) $cfg ${dp[*]} $extra (micro $micro, AC $ac)"
     # shellcheck disable=SC2086  # $extra: several overrides
@@ -310,6 +316,18 @@ part_tp() {
     kiln_bench tp-1b tp olmo-1b "$MICRO_1B" "$AC_1B" "$EXTRA_1B"
 }
 
+part_cp() {
+    GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then GPUS=2; fi  # (gloo ranks on the CPU)
+    if [ "$GPUS" -lt 2 ]; then
+        note "cp: skipped: $GPUS GPU visible, and NCCL runs one rank per GPU"
+        return
+    fi
+    local seq=$SEQ
+    SEQ=$CP_SEQ kiln_bench cp-small cp llama-150m 1 full "$EXTRA_SMALL"
+    SEQ=$seq
+}
+
 part_peers() {
     local log="$OUT/logs/peers.log" bf16=(--bf16)
     [ "$DEVICE" = cpu ] && bf16=()
@@ -348,7 +366,7 @@ part_small() { part_small_single; part_small_fsdp; }
 run_part() { PART_START=$SECONDS; "part_${1//-/_}"; }  # each part has its own PART_BUDGET
 
 case "$PART" in
-    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss|float8|tp)
+    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss|float8|tp|cp)
         run_part "$PART" ;;
     all) for p in olmo1b small peers loss; do run_part "$p"; done ;;
 esac
