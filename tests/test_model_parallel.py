@@ -65,14 +65,23 @@ def singles(pydoc_tokens, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tp2(pydoc_tokens, tmp_path_factory) -> dict[str, Path]:
+    """tp=2 runs of both shapes (the OLMo-2 one is also the reference of the checkpoint
+    moves below)."""
+    root = tmp_path_factory.mktemp("tp2")
+    out = {}
+    for name, kw in (("default", {}), ("olmo2", OLMO2)):
+        r = torchrun(write(cfg(pydoc_tokens, root / name, parallel__tp=2, **kw),
+                           root / f"{name}.yaml"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
 @pytest.mark.parametrize("shape", ["default", "olmo2"])
-def test_tp2_equals_one_process(pydoc_tokens, singles, tmp_path, shape):
-    run = tmp_path / "run"
-    config = write(cfg(pydoc_tokens, run, parallel__tp=2, **(OLMO2 if shape == "olmo2"
-                                                                else {})), tmp_path / "c.yaml")
-    out = torchrun(config)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_run(run, singles[shape])
+def test_tp2_equals_one_process(singles, tp2, shape):
+    assert_same_run(tp2[shape], singles[shape])
 
 
 def test_fsdp_by_tp_on_four_ranks_equals_one_process(pydoc_tokens, singles, tmp_path):
@@ -95,17 +104,14 @@ def test_fsdp_by_tp_on_four_ranks_equals_one_process(pydoc_tokens, singles, tmp_
     (["--parallel.tp=1", "--parallel.cp=2"],
      ["--parallel.cp=1", "--parallel.tp=2", "--parallel.dp=none"]),
 ])
-def test_a_checkpoint_moves_between_tp_and_fsdp(pydoc_tokens, tmp_path, first, then):
-    ref = tmp_path / "ref"
-    out = torchrun(write(cfg(pydoc_tokens, ref, parallel__tp=2, **OLMO2), tmp_path / "r.yaml"))
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_a_checkpoint_moves_between_layouts(pydoc_tokens, tp2, tmp_path, first, then):
     run = tmp_path / "run"
     config = write(cfg(pydoc_tokens, run, **OLMO2), tmp_path / "c.yaml")
     out = torchrun(config, *first, "--trainer.hard_stop=5")
     assert out.returncode == 0, out.stderr[-3000:]
     out = torchrun(run, *then)  # the run directory resumes, in the other layout
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_run(run, ref)
+    assert_same_run(run, tp2["olmo2"])  # as the uninterrupted tp=2 run
 
 
 @pytest.mark.parametrize("over, words", [
