@@ -305,24 +305,23 @@ except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
 PY
 }
 
-part_tp() {
+several_gpus() {  # several_gpus PART: set GPUS; false (with a note) when there is only one
     GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
     if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then GPUS=2; fi  # (gloo ranks on the CPU)
     if [ "$GPUS" -lt 2 ]; then
-        note "tp: skipped: $GPUS GPU visible, and NCCL runs one rank per GPU"
-        return
+        note "$1: skipped: $GPUS GPU visible, and NCCL runs one rank per GPU"
+        return 1
     fi
+}
+
+part_tp() {
+    several_gpus tp || return 0
     kiln_bench tp-small tp llama-150m "$MICRO_SMALL" "$AC_SMALL" "$EXTRA_SMALL"
     kiln_bench tp-1b tp olmo-1b "$MICRO_1B" "$AC_1B" "$EXTRA_1B"
 }
 
 part_cp() {
-    GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-    if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then GPUS=2; fi  # (gloo ranks on the CPU)
-    if [ "$GPUS" -lt 2 ]; then
-        note "cp: skipped: $GPUS GPU visible, and NCCL runs one rank per GPU"
-        return
-    fi
+    several_gpus cp || return 0
     local seq=$SEQ
     SEQ=$CP_SEQ kiln_bench cp-small cp llama-150m 1 full "$EXTRA_SMALL"
     SEQ=$seq

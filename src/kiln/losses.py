@@ -91,19 +91,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(grad.t(), h)
                 elif need_w:
                     grad_w += grad.t() @ h
-        ce = ce_tok.sum() / n
-        loss = ce + z_loss * (z_sum / n) if z_loss > 0 else ce.clone()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        ctx.mark_non_differentiable(ce, ce_tok)
-        return loss, ce, ce_tok
+        return _finish(ctx, ce_tok, z_sum, z_loss, grad_h,
+                       grad_w.to(weight.dtype) if need_w else None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_tok: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return (*_scaled(ctx, grad_loss), None, None, None, None)
+
+
+def _finish(ctx, ce_tok: Tensor, z_sum: Tensor, z_loss: float, grad_h: Tensor | None,
+            grad_w: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ce, per-token ce) from the per-token terms; the gradients kept for backward."""
+    n = ce_tok.numel()
+    ce = ce_tok.sum() / n
+    loss = ce + z_loss * (z_sum / n) if z_loss > 0 else ce.clone()
+    ctx.save_for_backward(grad_h, grad_w)
+    ctx.mark_non_differentiable(ce, ce_tok)
+    return loss, ce, ce_tok
+
+
+def _scaled(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The kept gradients of the hidden states and the head, times the incoming gradient."""
+    grad_h, grad_w = ctx.saved_tensors
+    gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+    gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
+    return gh, gw
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
@@ -190,19 +203,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                     grad_w += grad.t() @ h
         if need_h:  # every rank's vocabulary contributes to each hidden state's gradient
             dist.all_reduce(grad_h, group=group)
-        ce = ce_tok.sum() / n
-        loss = ce + z_loss * (z_sum / n) if z_loss > 0 else ce.clone()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        ctx.mark_non_differentiable(ce, ce_tok)
-        return loss, ce, ce_tok
+        return _finish(ctx, ce_tok, z_sum, z_loss, grad_h,
+                       grad_w.to(weight.dtype) if need_w else None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_tok: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return (*_scaled(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, group,
