@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln import __version__, faults
 from kiln.errors import KilnError, warn
-from kiln.files import fsync_dir, fsync_file, write_atomic
+from kiln.files import file_digest, fsync_dir, fsync_file, write_atomic
 from kiln.safeload import (
     dcp_load,
     dcp_load_full,
@@ -176,7 +176,7 @@ def resume_point(run_dir: str | Path, resume_from: str | None = None,
             have = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
             raise KilnError(f"--resume-from={resume_from}: {p} is not a complete checkpoint; "
                             f"complete ones in {root}: {have}")
-        if problems := verify_parts(p, WEIGHT_PARTS, "size" if verify != "off" else "off"):
+        if problems := size_problems(p, WEIGHT_PARTS, verify):
             raise KilnError(f"--resume-from={resume_from}: {problems[0]}; "
                             f"{passing_offer(p, verify)}")
         return p
@@ -197,7 +197,7 @@ def resume_point(run_dir: str | Path, resume_from: str | None = None,
                 f"them: resume from the newest with kiln train {run_dir} "
                 f"--resume-from={newer[-1].name}, or from {latest.name} with "
                 f"--resume-from={latest.name} (the newer ones are then kept aside)")
-    if problems := verify_parts(latest, WEIGHT_PARTS, "size" if verify != "off" else "off"):
+    if problems := size_problems(latest, WEIGHT_PARTS, verify):
         raise KilnError(f"{problems[0]}, so {latest.name} cannot be resumed; "
                         f"{passing_offer(latest, verify)}")
     return latest
@@ -429,11 +429,7 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def sha256_of(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(f, "sha256")
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -582,6 +578,12 @@ def verify_parts(path: Path, parts: list[str] | None, verify: str = "full") -> l
     return _hash_all(path, files, names)
 
 
+def size_problems(path: Path, parts: list[str] | None, verify: str = "full") -> list[str]:
+    """The cheap half of :func:`verify_parts` (sizes only; nothing under verify="off"), for
+    checks made before a load that hashes the contents anyway."""
+    return verify_parts(path, parts, "off" if verify == "off" else "size")
+
+
 def add_verify_argument(parser, default: str = "full") -> None:
     """--verify for a command that reads a checkpoint."""
     parser.add_argument("--verify", choices=VERIFY_MODES, default=default,
@@ -642,9 +644,12 @@ def verified(path: Path, parts: list[str], verify: str = "full"):
     names = _selected(files, parts)
     if problems := [p for n in names if (p := _size_problem(path, n, files[n]))]:
         raise refusal(path, problems[0], verify)
+    if verify != "full":  # sizes only: nothing to hash, nothing to agree on
+        yield
+        return
     rank, world = _distributed()
     found: list[str] = []
-    mine = names[rank::world] if verify == "full" else []
+    mine = names[rank::world]
     worker = threading.Thread(target=lambda: found.extend(_hash_all(path, files, mine)),
                               name="kiln-verify", daemon=True)
     worker.start()
@@ -772,7 +777,7 @@ def read_tokenizer(path: Path, verify: str = "full"):
 def tensor_shapes(path: Path, verify: str = "full") -> dict[str, tuple[int, ...]]:
     """Names and shapes of the stored weights, read from file headers only (the weights'
     sizes are checked against the manifest; their contents are hashed when they are loaded)."""
-    if problems := verify_parts(path, WEIGHT_PARTS, "size" if verify != "off" else "off"):
+    if problems := size_problems(path, WEIGHT_PARTS, verify):
         raise refusal(path, problems[0], verify)
     if is_sharded(path):
         meta = read_dcp_metadata(path / SHARDED).state_dict_metadata
@@ -990,7 +995,7 @@ def check_resumable(path: Path, run_dir: Path, verify: str = "full") -> None:
             f"start a new run from its weights: kiln train {run_dir} "
             f"--trainer.run_dir=NEW_DIR --init.from={path}{fresh}"
         )
-    if problems := verify_parts(path, STATE_PARTS, "size" if verify != "off" else "off"):
+    if problems := size_problems(path, STATE_PARTS, verify):
         raise KilnError(f"{problems[0]}, so {path.name} cannot be resumed; "
                         f"{passing_offer(path, verify)}")
 

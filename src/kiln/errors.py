@@ -1,9 +1,12 @@
-"""The one exception type the CLI turns into a one-line error message, and one-line warnings."""
+"""The one exception type the CLI turns into a one-line error message, one-line warnings, and
+quieting a library's own log lines."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from contextlib import contextmanager
 
 
 class KilnError(Exception):
@@ -27,3 +30,18 @@ def warn(message: str) -> None:
         return
     _warned.add(message)
     print(f"kiln: warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet_loggers(*names: str):
+    """Only errors from the `logging` loggers `names` while inside (a library's chatter about
+    what kiln handles itself); their levels are restored on the way out."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

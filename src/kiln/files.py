@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 from kiln.errors import KilnError
+
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 8 MiB pieces (hashlib releases the GIL on
+    each, so threads hash files side by side)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

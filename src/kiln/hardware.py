@@ -1,4 +1,5 @@
-"""The GPUs kiln knows: dense peak FLOP/s and memory, one table for a run's MFU and `kiln plan`.
+"""The machine kiln runs on: the GPUs it knows (dense peak FLOP/s and memory, one table for a
+run's MFU and `kiln plan`), and the CPU cores trainer.threads is checked against.
 
 A run reports MFU (model FLOPs per second over the device's dense peak) on any device this
 table names; `kiln plan --gpu NAME` sizes a run for one. Figures are the vendors' data sheets,
@@ -7,6 +8,7 @@ without sparsity.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,3 +74,12 @@ def peak_flops(device: torch.device, precision: str, device_name: str | None = N
     if gpu is None:
         return None
     return gpu.bf16 if precision == "bf16" else gpu.fp32
+
+
+def threads_warning(threads: int | None) -> str | None:
+    """A warning when trainer.threads asks for more threads than this machine has cores."""
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= cores:
+        return None
+    return (f"trainer.threads={threads} is more than the {cores} cores of this machine: the "
+            "threads would take turns on them, which is slower than one per core")

@@ -7,6 +7,7 @@ device) and returns the module to train; the model code never knows it is distri
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.config import Config, ParallelConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, quiet_loggers, warn
 
 
 @dataclass
@@ -80,12 +81,8 @@ def check_layout(cfg: Config, world_size: int | None) -> None:
                             f"{world_size} processes launched; launch dp x cp x tp ranks")
     if tp == 1:
         return
-    for what, n in (("model.n_heads", m.n_heads), ("the kv heads (model.n_kv_heads)",
-                    m.kv_heads), ("the MLP width (model.hidden_size)", m.hidden_size),
-                    ("the padded vocabulary", m.padded_vocab_size)):
-        if n % tp:
-            raise KilnError(f"parallel.tp={tp} cannot split {what} = {n}; choose a tp that "
-                            "divides it")
+    if (unsplit := tp_unsplittable(m, tp)) is not None:
+        raise KilnError(f"parallel.tp={tp} cannot split {unsplit}; choose a tp that divides it")
     if pc.dp == "ddp":
         raise KilnError(f"parallel.tp={tp} combines with parallel.dp=fsdp or hsdp (2-D / 3-D), "
                         "not ddp; set parallel.dp=fsdp")
@@ -95,6 +92,17 @@ def check_layout(cfg: Config, world_size: int | None) -> None:
     if pc.dp == "none" and world_size is not None and world_size != tp:
         raise KilnError(f"parallel.dp=none with parallel.tp={tp} needs exactly {tp} processes, "
                         f"not {world_size}; set parallel.dp=fsdp for dp x tp")
+
+
+def tp_unsplittable(m, tp: int) -> str | None:
+    """What of model config `m` tensor parallelism over `tp` ranks cannot split evenly ("WHAT
+    = N"), or None when it splits everything."""
+    for what, n in (("model.n_heads", m.n_heads), ("the kv heads (model.n_kv_heads)",
+                    m.kv_heads), ("the MLP width (model.hidden_size)", m.hidden_size),
+                    ("the padded vocabulary", m.padded_vocab_size)):
+        if n % tp:
+            return f"{what} = {n}"
+    return None
 
 
 def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
@@ -117,31 +125,28 @@ def init_distributed(cfg: Config, device: torch.device) -> DistInfo:
 
 def pick_device(name: str) -> torch.device:
     """trainer.device resolved: auto is CUDA when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KilnError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    return torch.device(name)
+    return parse_device(name, "trainer.device=")
 
 
-def parse_device(text: str | None, flag: str = "--device") -> torch.device:
-    """The device a command-line flag names (None or "auto": CUDA when there is one), refused
-    in one line when it is not a device or not on this machine."""
+def parse_device(text: str | None, flag: str = "--device ") -> torch.device:
+    """The device a setting names (None or "auto": CUDA when there is one), refused in one
+    line when it is not a device or not on this machine; `flag` is how the user wrote the
+    setting, up to its value ("--device ", "trainer.device=")."""
     if text is None or text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise KilnError(f"{flag} {text!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise KilnError(f"{flag}{text!r} is not a device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise KilnError(f"{flag} {text} but no CUDA device is visible; use {flag} cpu")
+            raise KilnError(f"{flag}{text} but no CUDA device is visible; use {flag}cpu")
         if dev.index is not None and dev.index >= count:
-            raise KilnError(f"{flag} {text} but this machine has {count} CUDA device(s) "
+            raise KilnError(f"{flag}{text} but this machine has {count} CUDA device(s) "
                             f"(cuda:0..cuda:{count - 1})")
     elif dev.type != "cpu":
-        raise KilnError(f"{flag} {text}: kiln runs on cpu or cuda; use one of them")
+        raise KilnError(f"{flag}{text}: kiln runs on cpu or cuda; use one of them")
     return dev
 
 
@@ -200,15 +205,13 @@ def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> No
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
-def _saved_ops() -> set:
+@functools.cache
+def _saved_ops() -> frozenset:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu")
-    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
-
-
-_SAVED: set | None = None
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs):
@@ -216,10 +219,8 @@ def _keep_matmuls(ctx, op, *args, **kwargs):
     made (expensive to redo), recompute everything else."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    global _SAVED
-    if _SAVED is None:
-        _SAVED = _saved_ops()
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+    return (CheckpointPolicy.MUST_SAVE if op in _saved_ops()
+            else CheckpointPolicy.PREFER_RECOMPUTE)
 
 
 def wants_compile(pcfg, device: torch.device) -> bool:
@@ -245,8 +246,6 @@ class CompileWatch:
         import time
 
         from torch._dynamo.utils import counters
-
-        from kiln.errors import warn
 
         graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         yield
@@ -362,19 +361,10 @@ def apply_float8(model: nn.Module, device: torch.device, fsdp: bool) -> None:
     """torchao's float8 training on the blocks' linear layers: dynamic per-tensor scales,
     float8 all-gather of the weights under FSDP2; the output head (and any layer whose sizes
     are not multiples of 16, which float8 matmuls need) stays as it is. Emulated on CPU."""
-    import logging
-
     # quiet while importing: its optional CUDA kernels fail to load on a CPU machine, and it
     # registers types torch's pytree warns about
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("torchao", "torch.utils._pytree"):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
     emulate = device.type != "cuda"
     config = Float8LinearConfig(emulate=emulate,
                                 enable_fsdp_float8_all_gather=fsdp and not emulate)
@@ -392,8 +382,7 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.dev
     used)."""
     pcfg = cfg.parallel
     dp = resolve_dp(pcfg, info)
-    if pcfg.float8:
-        check_float8(cfg, device)
+    if pcfg.float8:  # (check_float8 refused where it cannot run, before the data)
         apply_float8(model, device, dp in ("fsdp", "hsdp"))
     mesh = build_mesh(dp, pcfg, info, device) if dp in ("fsdp", "hsdp") or info.tp > 1 else None
     if info.tp > 1:

@@ -6,20 +6,10 @@ from pathlib import Path
 
 from kiln.config import Config, run_numbers
 from kiln.errors import KilnError
-from kiln.hardware import GPUS
+from kiln.hardware import GPUS, threads_warning
 from kiln.model import flops_per_token
+from kiln.parallel import DistInfo, resolve_dp, tp_unsplittable
 from kiln.schedule import LRSchedule
-
-
-def threads_warning(threads: int | None) -> str | None:
-    """A warning when trainer.threads asks for more threads than this machine has cores."""
-    import os
-
-    cores = os.cpu_count() or 1
-    if threads is None or threads <= cores:
-        return None
-    return (f"trainer.threads={threads} is more than the {cores} cores of this machine: the "
-            "threads would take turns on them, which is slower than one per core")
 
 
 def plan_lines(cfg: Config, world_size: int = 1, plan=None) -> tuple[list[str], list[str]]:
@@ -229,9 +219,8 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     cp = pc.cp  # context parallelism: each window's tokens split cp ways
     dp_world = max(world_size // (tp * cp), 1)  # the ranks the batch is split over
     dp = dp or pc.dp
-    if dp == "auto":
-        dp = "fsdp" if cp > 1 else ("fsdp" if dp_world > 1 else "none") if tp > 1 else (
-            "ddp" if world_size > 1 else "none")
+    if dp == "auto":  # as a run would resolve it
+        dp = resolve_dp(pc, DistInfo(world_size=world_size, tp=tp, cp=cp))
     shards = {"fsdp": dp_world * cp, "hsdp": pc.shard_size or min(dp_world * cp, 8)
               }.get(dp, 1) * tp
     ac = activation_checkpointing or pc.activation_checkpointing
@@ -556,10 +545,8 @@ def suggest_layout(cfg: Config, world: int, gpu: str, gpu_mem: float) -> str:
     """When not one instance fits a rank: the smallest tensor-parallel degree (within a node
     of 8, splitting the model) with which one does, with full activation checkpointing and
     FSDP, as OLMo-core advises (FSDP first, then TP when one instance does not fit)."""
-    m = cfg.model
     for tp in (2, 4, 8):
-        if world % tp or any(n % tp for n in (m.n_heads, m.kv_heads, m.hidden_size,
-                                               m.padded_vocab_size)):
+        if world % tp or tp_unsplittable(cfg.model, tp) is not None:
             continue
         fits = largest_micro_batch(cfg, gpu_mem, world, "fsdp" if world > tp else "none",
                                    "full", tp=tp)

@@ -63,7 +63,6 @@ def check_run_dir_writable(run_dir: str | Path) -> None:
     check_writable(run, f"the run directory {run}", fix)
 
 
-
 def absolute(paths: list[str]) -> list[str]:
     """Relative local paths (globs too) made absolute against the working directory; URLs,
     absolute paths and names that are not paths here (a tokenizer alias, a task name) as

@@ -81,9 +81,7 @@ class Trainer:
             raise KilnError(f"run directory {str(self.run_dir)!r} is not empty and --no-resume "
                             "was given; choose an empty trainer.run_dir")
         if t.threads:
-            from kiln.plan import threads_warning
-
-            if (many := threads_warning(t.threads)) is not None:
+            if (many := hardware.threads_warning(t.threads)) is not None:
                 warn(many)
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
@@ -321,6 +319,8 @@ class Trainer:
         n_micro = batch.size(0) // micro
         fault = self.loss_fault if self.loss_fault and self.loss_fault[0] == self.step + 1 else None
         loss_sum = torch.zeros((), device=self.device)
+        rows = (torch.tensor(sources, device=self.device) if sources is not None
+                else None)  # each window's mixture source, sent once per step
         for i in range(n_micro):
             mb = batch[i * micro : (i + 1) * micro]
             with self._grad_sync(i == n_micro - 1):
@@ -330,8 +330,7 @@ class Trainer:
                 (loss / n_micro).backward()
             loss_sum += ce.detach()
             if per_window is not None:
-                rows = torch.tensor(sources[i * micro : (i + 1) * micro], device=self.device)
-                self.meter.add_sources(rows, per_window)
+                self.meter.add_sources(rows[i * micro : (i + 1) * micro], per_window)
         self.meter.add("fwd_bwd", time.perf_counter() - t_start)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),

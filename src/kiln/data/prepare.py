@@ -48,10 +48,10 @@ from kiln.files import check_writable, fsync_dir, write_synced
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 """End-of-text tokens looked up in a tokenizer's vocabulary, first match wins."""
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
+"""Special tokens of a tokenizer trained here (ids 0 and 1)."""
 MAX_TRAINED_VOCAB = 2**24
 """The largest --vocab-size kiln trains: the BPE trainer reserves memory for every entry up
 front (about 66 bytes each), and ids stay far inside uint32 token files."""
-"""Special tokens of a tokenizer trained here (ids 0 and 1)."""
 _EXTENSIONS = (".jsonl.gz", ".json.gz", ".jsonl", ".parquet", ".txt", ".md")
 _TOKENIZER_FILE = "tokenizer.json"
 

@@ -87,7 +87,7 @@ from kiln.data.tokens import (
     sidecar_path,
 )
 from kiln.errors import KilnError, one_line
-from kiln.files import write_atomic
+from kiln.files import file_digest, write_atomic
 
 CHUNK_BYTES = 16 << 20
 """Size of one ranged request (and of one resumable step of a streamed fetch)."""
@@ -549,7 +549,7 @@ def _check_whole(url: str, part: Path, dl: _Download, digest: _Digest | None, si
     an MD5 that differs from an ETag only (which may be no MD5)."""
     digest = dl.digest or digest
     if digest is not None:
-        md5 = dl.md5 or _md5_file(part)
+        md5 = dl.md5 or file_digest(part, "md5")
         if md5 == digest.hex:
             return
         if trust and digest.presumed:
@@ -574,14 +574,6 @@ def _check_whole(url: str, part: Path, dl: _Download, digest: _Digest | None, si
                     "no sidecar with its token count, no MD5) and the stream's end could not "
                     "be confirmed, so a copy cut short would look whole; serve it with a "
                     "length, or use it unverified with --data.trust_unverified=true")
-
-
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while buf := f.read(_PIECE):
-            h.update(buf)
-    return h.hexdigest()
 
 
 # -- transports --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.files import file_digest
 
 FORMAT = "kiln-tokens/1"
 """The ``format`` field of the sidecars this module writes and reads."""
@@ -96,11 +97,7 @@ def file_sha256(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 class TokenFile:

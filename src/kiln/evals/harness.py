@@ -25,7 +25,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, quiet_loggers
 from kiln.evals.run import load_model
 from kiln.evals.score import loglikelihoods, make_request, model_forward
 
@@ -133,23 +133,14 @@ _managers: dict[str | None, Any] = {}
 def task_manager(tasks: list[str], include_path: str | None):
     """lm-eval's TaskManager, once every name in `tasks` is known to it (else one line, before
     any model is loaded; lm-eval's own log lines about the lookup are kept quiet)."""
-    import logging
-
     from lm_eval.tasks import TaskManager
 
-    quiet = [logging.getLogger(n) for n in ("lm-eval", "lm_eval")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("lm-eval", "lm_eval"):
         if include_path not in _managers:  # indexing every task takes seconds: once
             _managers[include_path] = (TaskManager(include_path=include_path) if include_path
                                        else TaskManager())
         manager = _managers[include_path]
         unknown = [t for t in tasks if not manager.match_tasks([t])]
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
     if unknown:
         raise KilnError(f"lm-eval knows no task {', '.join(unknown)}; check the name (lm-eval "
                         "--tasks list) or --include-path")
