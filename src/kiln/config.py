@@ -442,7 +442,8 @@ class ParallelConfig:
     float8: bool = False
     """Float8 training (torchao, `pip install -e '.[float8]'`): every linear layer of the
     blocks computes its matmuls in float8 with dynamic per-tensor scaling (the output head
-    stays in bf16), and with FSDP its weights are all-gathered in float8. Needs a GPU with
+    stays in bf16), with FSDP its weights are all-gathered in float8, and with tensor
+    parallelism each rank computes its shard in float8. Needs a GPU with
     float8 matmuls (compute capability 8.9+: H100, H200, B200, L40S); on CPU torchao emulates
     it (for testing the plumbing, not for speed)."""
     compile: bool | Literal["auto"] = "auto"

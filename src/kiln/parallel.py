@@ -341,15 +341,13 @@ def apply_tp(model: nn.Module, mesh) -> None:
 
 
 def check_float8(cfg: Config, device: torch.device) -> None:
-    """Refuse, in one line, float8 training where it cannot run: without torchao, with tensor
-    parallelism, on a GPU without float8 matmuls."""
+    """Refuse, in one line, float8 training where it cannot run: without torchao, or on a GPU
+    without float8 matmuls."""
     if not cfg.parallel.float8:
         return
     if importlib.util.find_spec("torchao") is None:
         raise KilnError("parallel.float8 needs torchao: pip install -e '.[float8]' (or "
                         "--parallel.float8=false)")
-    if cfg.parallel.tp > 1:
-        raise KilnError("parallel.float8 with parallel.tp > 1 is not built yet; use one of them")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         raise KilnError(f"parallel.float8 needs a GPU with float8 matmuls (compute capability "
