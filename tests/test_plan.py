@@ -172,6 +172,22 @@ def test_estimate_follows_the_modes():
     assert memory_estimate(cfg, 8, "fsdp", micro_batch_size=best + 1)["total"] > mem
 
 
+def test_a_memory_budget_falls_between_full_checkpointing_and_none():
+    raw = {"model": {"preset": "olmo-1b"}, "data": {"seq_len": 4096},
+           "trainer": {"global_batch_size": 512, "micro_batch_size": 8}}
+    acts = {}
+    for budget in (0.0, 0.25, 0.5, 1.0):
+        cfg = config_from_dict({**raw, "parallel": {"ac_budget": budget}})
+        e = memory_estimate(cfg, 8, "fsdp", activation_checkpointing="budget")
+        acts[budget] = e["activations"]
+        assert any("activation_checkpointing=budget" in n for n in e["notes"])
+    cfg = config_from_dict(raw)
+    full = memory_estimate(cfg, 8, "fsdp", activation_checkpointing="full")["activations"]
+    none = memory_estimate(cfg, 8, "fsdp", activation_checkpointing="none")["activations"]
+    assert acts[0.0] == pytest.approx(full, rel=0.01)
+    assert acts[0.0] < acts[0.25] < acts[0.5] < acts[1.0] == none
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 
 

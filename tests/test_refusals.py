@@ -161,3 +161,22 @@ def test_more_threads_than_cores_is_warned_and_an_absurd_count_refused(pydoc_tok
     assert r.returncode == 0 and f"is more than the {cores} cores" in r.stdout
     assert_one_line_error(kiln_here("train", config, "--dry-run", "--trainer.threads=1e30"),
                           "trainer.threads=", "must be <= 4096")
+
+
+def test_a_memory_budget_without_torch_compile_is_refused_before_the_run(pydoc_tokens,
+                                                                         tmp_path):
+    """activation_checkpointing=budget is torch.compile's partitioner: on CPU, where
+    parallel.compile=auto does not compile, the dry run and the run refuse it in one line."""
+    from kiln.config import load_config
+    from kiln.errors import KilnError
+    from kiln.trainer import Trainer
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", pydoc_tokens, run)
+    budget = "--parallel.activation_checkpointing=budget"
+    assert_one_line_error(kiln_here("train", config, "--dry-run", budget),
+                          "activation_checkpointing=budget works through torch.compile",
+                          "auto compiles on CUDA only: set parallel.compile=true")
+    with pytest.raises(KilnError, match="and it is off: set parallel.compile=true"):
+        Trainer(load_config(config, [budget, "--parallel.compile=false"]))
+    assert not run.exists()

@@ -176,6 +176,51 @@ def test_compiled_blocks_train_like_eager_resume_exactly_and_never_recompile(
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps from one forward pass for the backward."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens).float().sum().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.slow
+def test_a_memory_budget_makes_compiled_blocks_keep_less_and_train_the_same(pydoc_tokens,
+                                                                           tmp_path):
+    from kiln.config import ModelConfig
+    from kiln.model import Transformer
+    from kiln.parallel import apply_compile
+
+    tokens = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    kept, grads = {}, {}
+    for budget in (1.0, 0.2, 0.0):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=512,
+                                        max_seq_len=64))
+        apply_compile(model, budget)
+        kept[budget] = saved_for_backward(model, tokens)
+        grads[budget] = model.blocks[0].mlp.up_proj.weight.grad
+    assert kept[1.0] > kept[0.2] >= kept[0.0], kept  # less kept, what is kept is recomputed
+    assert torch.allclose(grads[0.0], grads[1.0], rtol=1e-5, atol=1e-7)
+    # a run with it: the losses of eager, uncheckpointed training
+    over = dict(trainer__max_duration=4, checkpoint__interval=0)
+    train(tiny_cfg(pydoc_tokens, tmp_path / "eager", **over))
+    train(tiny_cfg(pydoc_tokens, tmp_path / "budget", parallel__compile=True,
+                   parallel__activation_checkpointing="budget", parallel__ac_budget=0.3, **over))
+    eager, budget = losses(tmp_path / "eager"), losses(tmp_path / "budget")
+    assert budget.keys() == eager.keys()
+    assert all(budget[s] == pytest.approx(eager[s], rel=1e-5) for s in eager)
+    apply_compile(Transformer(ModelConfig(d_model=64, n_layers=1, n_heads=4, vocab_size=512)))
+    import torch._functorch.config as functorch_config
+
+    assert functorch_config.activation_memory_budget == 1.0  # the next compile is unbounded
+
+
 def test_z_loss_regularises_without_changing_the_logged_cross_entropy(pydoc_tokens, tmp_path):
     train(tiny_cfg(pydoc_tokens, tmp_path / "plain", trainer__max_duration=3))
     train(tiny_cfg(pydoc_tokens, tmp_path / "z", trainer__max_duration=3, optim__z_loss=0.1))

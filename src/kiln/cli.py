@@ -117,10 +117,10 @@ def dry_run(cfg, extend_to=None, extend_shape: str = "cosine", resume_from=None)
     from kiln.start import plan_start
 
     check_run_dir(cfg.trainer.run_dir)  # what training would refuse before anything else
-    from kiln.parallel import check_float8, check_layout, pick_device
+    from kiln.parallel import check_device_settings, check_layout, pick_device
 
     check_layout(cfg, None)  # a model tensor parallelism cannot split
-    check_float8(cfg, pick_device(cfg.trainer.device))
+    check_device_settings(cfg, pick_device(cfg.trainer.device))
     console = Console(highlight=False, soft_wrap=True)
     missing = missing_data(cfg)  # before `kiln prepare`: plan without the data
     train, val, files = build_datasets(cfg) if not missing else (None, None, [])

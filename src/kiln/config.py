@@ -424,14 +424,20 @@ class ParallelConfig:
     """HSDP: ranks per shard group (default: processes per node)."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """FSDP parameter dtype for compute; auto: bf16 when trainer precision is bf16."""
-    activation_checkpointing: Literal["none", "full", "every_n", "selective"] = "none"
+    activation_checkpointing: Literal["none", "full", "every_n", "selective",
+                                      "budget"] = "none"
     """Recompute activations in the backward pass to save memory. full: every block keeps
     only its input; every_n: every ac_every-th block does; selective: every block keeps the
     outputs of its matmuls and attention and recomputes the cheap pointwise ops between them
     (norms, RoPE, SiLU, products), most of full's saving on the big tensors at a fraction of
-    its recompute."""
+    its recompute; budget: torch.compile's partitioner keeps ac_budget of what each compiled
+    block would save and recomputes the rest, choosing what is cheapest to redo (needs
+    parallel.compile)."""
     ac_every: Annotated[int, AtLeast(1, 2**16)] = 2
     """every_n: checkpoint every n-th block."""
+    ac_budget: Annotated[float, Domain(ge=0, le=1)] = 0.5
+    """budget: the fraction of a compiled block's activations kept for the backward pass
+    (1: all that torch.compile keeps without checkpointing, 0: recompute like full)."""
     cp: Annotated[int, AtLeast(1, 2**16)] = 1
     """Context parallelism: each window's tokens split over this many ranks (two chunks
     each, one early and one late, so causal attention costs every rank the same); attention

@@ -188,7 +188,7 @@ def apply_activation_checkpointing(model: nn.Module, pcfg: ParallelConfig) -> No
     the outputs of matmuls and attention are kept, the pointwise ops between them, norms,
     RoPE, SiLU, products, are recomputed)."""
     mode = pcfg.activation_checkpointing
-    if mode == "none":
+    if mode in ("none", "budget"):  # budget: torch.compile's partitioner (apply_compile)
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -260,8 +260,18 @@ class CompileWatch:
                  "time again (TORCH_LOGS=recompiles shows why)")
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block on its own: small graphs, one compilation reused by every layer."""
+def apply_compile(model: nn.Module, memory_budget: float = 1.0) -> None:
+    """Compile each block on its own: small graphs, one compilation reused by every layer.
+    `memory_budget` (activation_checkpointing=budget) is the fraction of what a compiled block
+    saves for its backward pass that the partitioner may keep; it recomputes the rest,
+    cheapest first."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    if functorch_config.activation_memory_budget != memory_budget:
+        # read when a graph is compiled: graphs compiled under another budget are dropped
+        torch._dynamo.reset()
+        functorch_config.activation_memory_budget = memory_budget
     for block in model.blocks:
         block.compile(dynamic=False)
 
@@ -340,9 +350,15 @@ def apply_tp(model: nn.Module, mesh) -> None:
     model.tp_mesh = mesh
 
 
-def check_float8(cfg: Config, device: torch.device) -> None:
-    """Refuse, in one line, float8 training where it cannot run: without torchao, or on a GPU
-    without float8 matmuls."""
+def check_device_settings(cfg: Config, device: torch.device) -> None:
+    """Refuse, in one line, what cannot run on `device`: budget activation checkpointing
+    without torch.compile, float8 training without torchao or on a GPU without float8
+    matmuls."""
+    if cfg.parallel.activation_checkpointing == "budget" and not wants_compile(cfg.parallel,
+                                                                               device):
+        why = "it is off" if cfg.parallel.compile is False else "auto compiles on CUDA only"
+        raise KilnError("parallel.activation_checkpointing=budget works through torch.compile, "
+                        f"and {why}: set parallel.compile=true (or choose selective or full)")
     if not cfg.parallel.float8:
         return
     if importlib.util.find_spec("torchao") is None:
@@ -380,7 +396,7 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.dev
     used)."""
     pcfg = cfg.parallel
     dp = resolve_dp(pcfg, info)
-    if pcfg.float8:  # (check_float8 refused where it cannot run, before the data)
+    if pcfg.float8:  # (check_device_settings refused where it cannot run, before the data)
         apply_float8(model, device, dp in ("fsdp", "hsdp"))
     mesh = build_mesh(dp, pcfg, info, device) if dp in ("fsdp", "hsdp") or info.tp > 1 else None
     if info.tp > 1:
@@ -389,7 +405,8 @@ def parallelize(model: nn.Module, cfg: Config, info: DistInfo, device: torch.dev
         model.cp_mesh = mesh["cp"]
     apply_activation_checkpointing(model, pcfg)
     if wants_compile(pcfg, device):
-        apply_compile(model)
+        budget = pcfg.activation_checkpointing == "budget"
+        apply_compile(model, pcfg.ac_budget if budget else 1.0)
     if dp in ("fsdp", "hsdp"):
         # the gradients are averaged over the context-parallel ranks too: they shard with dp
         shard = mesh["shard", "cp"]._flatten("shard_cp") if info.cp > 1 else mesh["shard"]

@@ -186,7 +186,8 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
       checkpointing keeps only each checkpointed block's input, 4 N d: full = L * 4 N d,
       every_n with k = ceil(L / ac_every) checkpointed blocks = k * 4 N d + (L - k) blocks;
       selective keeps in every block its input and its matmuls' and attention's outputs,
-      N (4 d + s (4 d + 2 kv + 2 h) + 4 H) (see selective_bytes_per_token).
+      N (4 d + s (4 d + 2 kv + 2 h) + 4 H) (see selective_bytes_per_token); budget keeps
+      its input and ac_budget of the rest of a block (an estimate: torch.compile chooses).
       A checkpointed block is recomputed in the backward pass, after the loss has freed
       its buffers: when one block + 8 N d (the gradient flowing in and out) + 4 V d (the
       head's gradient, with one micro-batch per step) is more than the loss row, that is
@@ -253,7 +254,14 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
     inputs = 4 * N * d
     if ac == "selective":  # every block keeps more than its input: its matmuls' outputs
         inputs = N * selective_bytes_per_token(m, precision)
-    k = {"full": L, "every_n": -(-L // max(pc.ac_every, 1)), "selective": L}.get(ac, 0)
+    if ac == "budget":  # the partitioner keeps that fraction of the rest
+        inputs += int(pc.ac_budget * max(block - inputs, 0))
+        notes.append(f"activation_checkpointing=budget: every block keeps its input and "
+                     f"{pc.ac_budget:g} of the rest of its activations (as asked of "
+                     "torch.compile's partitioner, which chooses what; measure with "
+                     "bench/gpu.sh)")
+    k = {"full": L, "every_n": -(-L // max(pc.ac_every, 1)), "selective": L,
+         "budget": L if pc.ac_budget < 1 else 0}.get(ac, 0)
     acts = k * inputs + (L - k) * block + 8 * m.max_seq_len * m.head_dim
     if cfg.data.document_mask:
         acts += N * T

@@ -52,7 +52,7 @@ from kiln.parallel import (
     CompileWatch,
     DistInfo,
     all_reduce_mean,
-    check_float8,
+    check_device_settings,
     init_distributed,
     parallelize,
     pick_device,
@@ -88,7 +88,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg, self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        check_float8(cfg, self.device)
+        check_device_settings(cfg, self.device)
         check_run_dir_writable(self.run_dir)  # before the data and the model are built
         # one writer per run directory: refused here if another process trains in it
         self.run_lock = runlock.hold(self.run_dir, self.dist, self.device)  # until fit() ends
