@@ -1,7 +1,8 @@
 """Tensor and context parallelism on CPU: real torchrun, real gloo process groups. tp=2, cp=2,
-FSDP x TP and FSDP x CP on 4 ranks give the losses and weights of one process (the default
-shape, and an OLMo-2 shape with grouped-query attention); context parallelism keeps documents
-apart under data.document_mask; checkpoints move between layouts both ways and go on as the
+FSDP x TP and FSDP x CP on 4 ranks, and HSDP x TP and HSDP x CP on 3-D meshes of 4 ranks give
+the losses and weights of one process (the default shape, and an OLMo-2 shape with
+grouped-query attention); context parallelism keeps documents apart under
+data.document_mask; checkpoints move between layouts both ways and go on as the
 uninterrupted run; layouts that cannot split are refused in one line before any weight is
 built."""
 
@@ -96,6 +97,23 @@ def test_fsdp_by_tp_on_four_ranks_equals_one_process(pydoc_tokens, singles, tmp_
     assert kiln_here("checkpoint", "unshard", step, tmp_path / "unsharded").returncode == 0
     r = kiln_here("generate", step, "--prompt", "The", "--max-new-tokens", "3", "--greedy")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ("olmo2", dict(parallel__tp=2)),
+    ("default", dict(parallel__cp=2)),
+])
+def test_hsdp_meshes_in_three_dimensions_equal_one_process(pydoc_tokens, singles, tmp_path,
+                                                           shape, layout):
+    """HSDP x TP and HSDP x CP on 4 ranks: a (replicate 2, shard 1, tp or cp 2) mesh, whose
+    gradients are all-reduced over the replicas (shard groups of one rank keep the run at 4
+    processes)."""
+    run = tmp_path / "run"
+    config = write(cfg(pydoc_tokens, run, parallel__dp="hsdp", parallel__shard_size=1,
+                       **layout, **(OLMO2 if shape == "olmo2" else {})), tmp_path / "c.yaml")
+    out = torchrun(config, nproc=4, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(run, singles[shape])
 
 
 @pytest.mark.parametrize("first, then", [
