@@ -18,6 +18,8 @@
 #                  with a note on a machine with one GPU
 #   cp             llama-150m with parallel.cp over every visible GPU at CP_SEQ tokens per
 #                  window (cp-small); skipped with a note on a machine with one GPU
+#   ac             llama-150m, one process, with activation checkpointing none, selective,
+#                  budget (AC_BUDGET) and full: tokens/s and peak memory of each (ac-MODE)
 #   all            everything above, in that order (over 10 minutes: on a GPU lease that allows
 #                  10 minutes per command, run the parts one command each)
 #
@@ -41,6 +43,7 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-420}   # seconds before one run is stopped ...
 PART_BUDGET=${PART_BUDGET:-540}   # ... or before the part's runs together pass this many
 PEERS_ARGS=${PEERS_ARGS:---reps 3 --steps 20 --warmup 5 --warm-cache}
 CP_SEQ=${CP_SEQ:-32768}           # tokens per window for the cp part
+AC_BUDGET=${AC_BUDGET:-0.5}       # parallel.ac_budget of the ac part's budget run
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
 EXTRA_1B=${EXTRA_1B:-}            # more kiln overrides for the olmo-1b runs
@@ -59,7 +62,7 @@ LOSS_ARGS=${LOSS_ARGS:---tokens 32768 --d 2048 --vocab 50304 --steps 5}
 set -uo pipefail
 OUT=${1:-./gpu-bench-out}
 PART=${2:-all}
-PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss float8 tp cp all"
+PARTS="olmo1b olmo1b-single olmo1b-fsdp small small-single small-fsdp peers loss float8 tp cp ac all"
 if [[ " $PARTS " != *" $PART "* ]]; then
     echo "unknown part '$PART'; choose one of: $PARTS" >&2
     exit 2
@@ -327,6 +330,26 @@ part_cp() {
     SEQ=$seq
 }
 
+part_ac() {
+    local mode
+    for mode in none selective budget full; do
+        kiln_bench "ac-$mode" single llama-150m "$MICRO_SMALL" "$mode" \
+            "--parallel.ac_budget=$AC_BUDGET $EXTRA_SMALL"
+    done
+    "$PYTHON" - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+for mode in ("none", "selective", "budget", "full"):
+    try:
+        r = json.load(open(f"{sys.argv[1]}/ac-{mode}.json"))
+    except (OSError, ValueError) as e:
+        print(f"ac {mode:>9}: not measured ({e})")
+        continue
+    mem = r.get("peak_allocated_gib")
+    print(f"ac {mode:>9}: {r['tokens_per_sec_per_gpu']:10,.0f} tokens/s/GPU, peak "
+          + (f"{mem:.2f} GiB allocated" if mem is not None else "memory n/a (CPU)"))
+PY
+}
+
 part_peers() {
     local log="$OUT/logs/peers.log" bf16=(--bf16)
     [ "$DEVICE" = cpu ] && bf16=()
@@ -365,7 +388,7 @@ part_small() { part_small_single; part_small_fsdp; }
 run_part() { PART_START=$SECONDS; "part_${1//-/_}"; }  # each part has its own PART_BUDGET
 
 case "$PART" in
-    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss|float8|tp|cp)
+    olmo1b|olmo1b-single|olmo1b-fsdp|small|small-single|small-fsdp|peers|loss|float8|tp|cp|ac)
         run_part "$PART" ;;
     all) for p in olmo1b small peers loss; do run_part "$p"; done ;;
 esac

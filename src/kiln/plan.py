@@ -258,8 +258,8 @@ def memory_estimate(cfg: Config, world_size: int = 1, dp: str | None = None, *,
         inputs += int(pc.ac_budget * max(block - inputs, 0))
         notes.append(f"activation_checkpointing=budget: every block keeps its input and "
                      f"{pc.ac_budget:g} of the rest of its activations (as asked of "
-                     "torch.compile's partitioner, which chooses what; measure with "
-                     "bench/gpu.sh)")
+                     "torch.compile's partitioner, which chooses what: bench/gpu.sh OUT ac "
+                     "measures it)")
     k = {"full": L, "every_n": -(-L // max(pc.ac_every, 1)), "selective": L,
          "budget": L if pc.ac_budget < 1 else 0}.get(ac, 0)
     acts = k * inputs + (L - k) * block + 8 * m.max_seq_len * m.head_dim
