@@ -1,6 +1,6 @@
 """Tensor and context parallelism on CPU: real torchrun, real gloo process groups. tp=2, cp=2,
-FSDP x TP and FSDP x CP on 4 ranks, and HSDP x TP and HSDP x CP on 3-D meshes of 4 ranks give
-the losses and weights of one process (the default shape, and an OLMo-2 shape with
+FSDP x TP and FSDP x CP on 4 ranks, and HSDP x TP, HSDP x CP and CP x TP on 3-D meshes of 4
+ranks give the losses and weights of one process (the default shape, and an OLMo-2 shape with
 grouped-query attention); context parallelism keeps documents apart under
 data.document_mask; checkpoints move between layouts both ways and go on as the
 uninterrupted run; layouts that cannot split are refused in one line before any weight is
@@ -43,7 +43,7 @@ def final(run: Path, step: int = 10) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def assert_same_run(got: Path, want: Path, rel: float = 1e-5) -> None:
+def assert_same_run(got: Path, want: Path, rel: float = 1e-5, weights: float = 1e-5) -> None:
     a, b = losses(got), losses(want)
     assert a.keys() == b.keys()
     for step in a:
@@ -51,7 +51,7 @@ def assert_same_run(got: Path, want: Path, rel: float = 1e-5) -> None:
     wa, wb = final(got), final(want)
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-5), k  # (after 10 AdamW steps)
+        assert torch.allclose(wa[k], wb[k], rtol=weights, atol=weights), k  # after 10 AdamW steps
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +99,25 @@ def test_fsdp_by_tp_on_four_ranks_equals_one_process(pydoc_tokens, singles, tmp_
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("shape, layout", [
-    ("olmo2", dict(parallel__tp=2)),
-    ("default", dict(parallel__cp=2)),
+@pytest.mark.parametrize("shape, layout, weights", [
+    ("olmo2", dict(parallel__dp="hsdp", parallel__shard_size=1, parallel__tp=2), 1e-5),
+    ("default", dict(parallel__dp="hsdp", parallel__shard_size=1, parallel__cp=2), 1e-5),
+    # the step-1 gradients agree within 1e-6 relative; after 10 steps 3 of the embedding's
+    # 32768 weights differ by up to 3.7e-5: rows of tokens first seen late, whose gradients
+    # are near AdamW's eps (1e-8), where it turns last-bit differences into whole updates
+    ("olmo2", dict(parallel__cp=2, parallel__tp=2), 5e-5),
 ])
-def test_hsdp_meshes_in_three_dimensions_equal_one_process(pydoc_tokens, singles, tmp_path,
-                                                           shape, layout):
-    """HSDP x TP and HSDP x CP on 4 ranks: a (replicate 2, shard 1, tp or cp 2) mesh, whose
-    gradients are all-reduced over the replicas (shard groups of one rank keep the run at 4
-    processes)."""
+def test_three_dimensional_meshes_equal_one_process(pydoc_tokens, singles, tmp_path, shape,
+                                                    layout, weights):
+    """4 ranks on a 3-D mesh: HSDP x TP and HSDP x CP (2 replicas x shard groups of one rank x
+    2, the gradients all-reduced over the replicas), and CP x TP (each window over 2 ranks,
+    each layer over 2 more)."""
     run = tmp_path / "run"
-    config = write(cfg(pydoc_tokens, run, parallel__dp="hsdp", parallel__shard_size=1,
-                       **layout, **(OLMO2 if shape == "olmo2" else {})), tmp_path / "c.yaml")
+    config = write(cfg(pydoc_tokens, run, **layout, **(OLMO2 if shape == "olmo2" else {})),
+                   tmp_path / "c.yaml")
     out = torchrun(config, nproc=4, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_run(run, singles[shape])
+    assert_same_run(run, singles[shape], weights=weights)
 
 
 @pytest.mark.parametrize("first, then", [
