@@ -54,6 +54,18 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.sig)
 
 
+def record_lr(trainer: Trainer) -> dict[int, float]:
+    """{step: learning rate} of every step `trainer.fit()` logs, filled as it runs."""
+    lrs: dict[int, float] = {}
+
+    class RecordLR(Callback):
+        def on_log(self, t, metrics):
+            lrs[metrics["step"]] = metrics["lr"]
+
+    trainer.callbacks.append(RecordLR())
+    return lrs
+
+
 def run(cfg: dict, **kw):
     trainer = Trainer(config_from_dict(cfg), **{k: v for k, v in kw.items() if k != "cb"},
                       callbacks=kw.get("cb"))
@@ -152,14 +164,9 @@ def test_new_data_with_optimizer_kept_and_counters_reset_carries_warmup(two_corp
     for idx, state in a_opt["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[key], b_opt["state"][idx][key]), (idx, key)
-    lrs = []
-
-    class RecordLR(Callback):
-        def on_log(self, trainer, m):
-            lrs.append(m["lr"])
-
-    b.callbacks.append(RecordLR())
+    logged = record_lr(b)
     b.fit()
+    lrs = list(logged.values())
     assert lrs[0] == pytest.approx(a_sched.lr(41))
     assert max(lrs) == pytest.approx(cfg_b["optim"]["lr"]) and lrs.index(max(lrs)) == 9
     assert lrs[-1] == pytest.approx(cfg_b["optim"]["lr"] * 0.1)

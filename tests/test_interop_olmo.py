@@ -14,6 +14,7 @@ import torch
 import yaml
 from olmo_fixture import build_olmo_checkpoint
 from test_cli import assert_one_line_error, kiln_here
+from test_continue import record_lr
 
 from kiln import checkpoint as ckpt
 from kiln.callbacks import Callback
@@ -180,16 +181,10 @@ def test_continued_run_has_olmos_moments_step_and_lr(pydoc_tokens, tmp_path):
     # the LR is OLMo's at every step, before and after this point
     for s in range(1, 121):
         assert trainer.schedule.lr(s) == pytest.approx(ref.lr(s), rel=1e-12, abs=1e-15), s
-    lrs = []
-
-    class RecordLR(Callback):
-        def on_log(self, t, metrics):
-            lrs.append((metrics["step"], metrics["lr"]))
-
-    trainer.callbacks.append(RecordLR())
+    lrs = record_lr(trainer)
     trainer.fit()
-    assert [s for s, _ in lrs] == [step + 1, step + 2]
-    assert [lr for _, lr in lrs] == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)])
+    assert list(lrs) == [step + 1, step + 2]
+    assert list(lrs.values()) == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)])
 
 
 def test_an_inverse_sqrt_olmo_run_continues_on_olmos_curve(pydoc_tokens, tmp_path):
@@ -211,15 +206,9 @@ def test_an_inverse_sqrt_olmo_run_continues_on_olmos_curve(pydoc_tokens, tmp_pat
     trainer = Trainer(cfg)
     for s in range(1, 61):
         assert trainer.schedule.lr(s) == pytest.approx(ref.lr(s), rel=1e-15, abs=0), s
-    lrs = []
-
-    class RecordLR(Callback):
-        def on_log(self, t, metrics):
-            lrs.append(metrics["lr"])
-
-    trainer.callbacks.append(RecordLR())
+    lrs = record_lr(trainer)
     trainer.fit()
-    assert lrs == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)], rel=1e-15)
+    assert list(lrs.values()) == pytest.approx([ref.lr(step + 1), ref.lr(step + 2)], rel=1e-15)
 
 
 def test_an_olmo_schedule_kiln_cannot_reproduce_is_not_continued_silently(pydoc_tokens,
